@@ -1,0 +1,22 @@
+"""Shared fixtures: one small ThumbDet export reused by the export, verify, bench and CLI tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tod_deploy.export.pipeline import ExportResult, export_model
+
+SMALL = "256x384"  # the smallest size whose coarsest level (stride 256 at 4x) is still 1x2
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    out = tmp_path_factory.mktemp("export")
+    return export_model("thumbdet", out, overrides={"input_size": SMALL}, log=lambda _line: None)
+
+
+@pytest.fixture(scope="session")
+def small_onnx(small_export: ExportResult) -> Path:
+    return small_export.onnx_path

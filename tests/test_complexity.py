@@ -1,0 +1,56 @@
+"""The multiply-add counter against hand counts, and ThumbDet against the paper's Table 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tod_deploy.complexity import count_complexity
+from tod_deploy.inspection import inspect_method
+from tod_deploy.methods.base import DeployModel
+
+
+class Toy(DeployModel):
+    raw_names = ("y",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.conv(images)  # [1, 8, H/2, W/2]
+        grid = torch.zeros(1, 7, 11, 2)
+        sampled = nn.functional.grid_sample(x, grid, align_corners=False)  # [1, 8, 7, 11]
+        return (self.fc(sampled.mean(dim=(2, 3))),)
+
+    def postprocess(self, raw: tuple[torch.Tensor, ...], image_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        return raw
+
+    def complexity_parts(self) -> dict[str, str]:
+        return {"conv": "conv", "fc": "fc"}
+
+
+def test_counter_matches_hand_count() -> None:
+    c = count_complexity(Toy(), (32, 48), Toy().complexity_parts())
+    conv = 8 * 16 * 24 * 3 * 3 * 3  # out elements x (k*k*c_in)
+    fc = 8 * 5
+    grid = 4 * 8 * 7 * 11  # 4 bilinear taps per sampled value
+    assert c.parts["conv"]["macs"] == conv and c.parts["fc"]["macs"] == fc
+    assert c.macs == conv + fc + grid
+    assert c.parameters == 8 * 27 + 8 + 8 * 5 + 5
+
+
+@pytest.mark.parametrize(("variant", "paper_gmacs"), [("4x", 13.36), ("2x", 45.72), ("1x", 172.9)])
+def test_thumbdet_matches_paper_at_coco_size(variant: str, paper_gmacs: float) -> None:
+    result = inspect_method("thumbdet", variant, {"input_size": "800x1066"}, None, log=lambda _l: None)
+    assert abs(result["gmacs"] / paper_gmacs - 1) < 0.10, result["gmacs"]
+    assert abs(result["parameters"] / 40e6 - 1) < 0.10
+
+
+def test_thumbnail_saves_the_papers_ratio() -> None:
+    # Multiply-adds scale with pixels: the 4x thumbnail costs about 1/13 of the full-size model.
+    small = inspect_method("thumbdet", "4x", {}, None, log=lambda _l: None)["gmacs"]
+    full = inspect_method("thumbdet", "1x", {}, None, log=lambda _l: None)["gmacs"]
+    assert 11.5 < full / small < 14.5  # paper: 12.94x

@@ -1,0 +1,1 @@
+"""Speed: timing loops over runners, statistics, and reports (table, JSON)."""

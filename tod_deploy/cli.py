@@ -1,0 +1,239 @@
+"""The ``tod-deploy`` command line: argument handling only; the work happens in the step modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tod_deploy.errors import UserError
+
+app = typer.Typer(
+    name="tod-deploy",
+    help="Deploy tiny-object detectors: export to ONNX with parity proof, build engines, benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+# Piped output (CI logs, `| tee`) gets a width that fits the tables rather than rich's 80.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+DEBUG_FLAG = "--debug"
+
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method to build: thumbdet.")]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option(help="Trained weights (.pth, upstream key names). Default: seeded random weights.")
+]
+InputSizeOpt = Annotated[str | None, typer.Option(help="HEIGHTxWIDTH of the input image, e.g. 800x1333.")]
+ScaleOpt = Annotated[int | None, typer.Option(help="ThumbDet down-sampling: 4 (default), 2, or 1 (no thumbnail).")]
+VariantOpt = Annotated[str | None, typer.Option(help="Named recipe variant (see `tod-deploy methods`).")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the full result as JSON to this file.")]
+
+
+def log(message: str) -> None:
+    err.print(message, markup=False)
+
+
+def variant_of(scale: int | None, variant: str | None) -> str | None:
+    if scale is not None and variant is not None:
+        raise UserError("--scale and --variant both given", "use one of them")
+    return f"{scale}x" if scale is not None else variant
+
+
+def write_json(path: Path | None, data: Any) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        log(f"wrote {path}")
+
+
+def parity_table(report: Any) -> Table:
+    table = Table(title=f"parity: {report.backend} vs torch on {report.inputs} seeded inputs")
+    for column in ("output", "max abs err", "max rel err", "atol / rtol", "failing", "result"):
+        table.add_column(column, justify="right" if column != "output" else "left")
+    for o in report.outputs:
+        table.add_row(
+            o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.atol:g} / {o.rtol:g}",
+            f"{o.failing}/{o.total}", "ok" if o.ok else "FAIL",
+        )  # fmt: skip
+    d = report.detections
+    if d is not None:
+        table.add_row(
+            "detections", f"IoU min {d.min_iou:.4f}", f"score diff {d.max_score_diff:.2g}",
+            f"IoU>={d.min_iou_required} / {d.score_tol:g}", f"{d.checked - d.matched}/{d.checked}",
+            "ok" if d.ok else "FAIL",
+        )  # fmt: skip
+    return table
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option(DEBUG_FLAG, help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Deploy tiny-object detectors (ThumbDet, SR-TOD, DFR-Det, CFINet, bottom-heavy backbones)."""
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the methods and their recipe variants."""
+    from tod_deploy.recipes import load_recipe
+    from tod_deploy.registry import METHODS
+
+    table = Table(title="methods")
+    for column in ("method", "variants", "input", "summary"):
+        table.add_column(column)
+    for name, spec in METHODS.items():
+        recipe = load_recipe(name)
+        variants = ", ".join(_variants(name))
+        table.add_row(name, variants, "x".join(map(str, recipe.input_size)), spec.summary)
+    out.print(table)
+
+
+def _variants(method: str) -> list[str]:
+    import yaml
+
+    from tod_deploy.recipes import recipe_dir
+
+    return sorted((yaml.safe_load((recipe_dir() / f"{method}.yaml").read_text()) or {}).get("variants", {}))
+
+
+@app.command("export")
+def export_cmd(
+    method: MethodOpt,
+    checkpoint: CheckpointOpt = None,
+    output: Annotated[Path, typer.Option(help="Directory for <name>.onnx and <name>.json.")] = Path("artifacts"),
+    input_size: InputSizeOpt = None,
+    scale: ScaleOpt = None,
+    variant: VariantOpt = None,
+    batch: Annotated[str | None, typer.Option(help="Batch size baked in (e.g. 1), or 'dynamic'.")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default from the recipe).")] = None,
+    raw: Annotated[bool, typer.Option(help="Keep the head outputs instead of the detection contract.")] = False,
+    top_k: Annotated[int | None, typer.Option(help="Detections per image, K (default from the recipe).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights when no checkpoint is given.")] = 0,
+    verify: Annotated[bool, typer.Option(help="Check onnxruntime against PyTorch before writing.")] = True,
+    name: Annotated[str | None, typer.Option(help="File stem (default: the method, plus variant).")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """PyTorch -> inference graph -> ONNX, verified against PyTorch, written with a JSON sidecar."""
+    from tod_deploy.export.pipeline import export_model
+
+    overrides: dict[str, Any] = {}
+    if input_size is not None:
+        overrides["input_size"] = input_size
+    if batch is not None:
+        overrides["batch"] = batch
+    if opset is not None:
+        overrides["opset"] = opset
+    if top_k is not None:
+        overrides["top_k"] = top_k
+    result = export_model(
+        method, output, checkpoint, variant_of(scale, variant), overrides, raw, seed, verify, name, log=log
+    )
+    if result.verification is not None:
+        out.print(parity_table(result.verification))
+    info = result.sidecar
+    out.print(
+        f"wrote {result.onnx_path} ({info['onnx']['bytes'] / 1e6:.1f} MB, {info['onnx']['nodes']} nodes, "
+        f"{info['model']['parameters'] / 1e6:.2f} M parameters) and {result.sidecar_path.name}"
+    )
+    write_json(json_path, info)
+
+
+@app.command("verify")
+def verify_cmd(
+    model: Annotated[Path, typer.Argument(help="An .onnx written by tod-deploy export (its .json beside it).")],
+    atol: Annotated[float, typer.Option(min=0.0, help="Absolute tolerance.")] = 1e-4,
+    rtol: Annotated[float, typer.Option(min=0.0, help="Relative tolerance.")] = 1e-3,
+    json_path: JsonOpt = None,
+) -> None:
+    """Re-run parity of an exported model against the PyTorch model it came from."""
+    from tod_deploy.export.pipeline import reverify
+
+    report = reverify(model, atol, rtol, log=log)
+    out.print(parity_table(report))
+    write_json(json_path, report.to_dict())
+    if not report.ok:
+        raise UserError(f"verification failed: {report.failure()}", "rerun export with --debug to investigate")
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Annotated[Path, typer.Argument(help="An .onnx written by tod-deploy export.")],
+    fps: Annotated[bool, typer.Option("--fps", help="Report throughput (the default measurement).")] = True,
+    backend: Annotated[str, typer.Option(help="Comma-separated: torch, onnxruntime, tensorrt.")] = "torch,onnxruntime",
+    batch: Annotated[int, typer.Option(min=1, help="Images per call.")] = 1,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per backend first.")] = 3,
+    iters: Annotated[int | None, typer.Option(min=1, help="Timed calls per backend.")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="Time budget in seconds instead of --iters.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Latency percentiles and FPS per backend, measured side by side, with ratios."""
+    from tod_deploy.bench.report import bench_table
+    from tod_deploy.bench.run import bench_model, parse_backends
+
+    if iters is not None and duration is not None:
+        raise UserError("--iters and --duration both given", "use one of them")
+    if iters is None and duration is None:
+        iters = 20
+    report = bench_model(model, parse_backends(backend), batch, warmup, iters, duration, threads, log=log)
+    out.print(bench_table(report))
+    write_json(json_path, report.to_dict())
+
+
+@app.command("inspect")
+def inspect_cmd(
+    method: MethodOpt,
+    input_size: InputSizeOpt = None,
+    scale: ScaleOpt = None,
+    variant: VariantOpt = None,
+    checkpoint: CheckpointOpt = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Parameters and multiply-adds (the papers' "GFLOPs") of the deploy model, vs the paper."""
+    from tod_deploy.inspection import inspect_method, inspect_table
+
+    overrides = {"input_size": input_size} if input_size else {}
+    result = inspect_method(method, variant_of(scale, variant), overrides, checkpoint, log=log)
+    out.print(inspect_table(result))
+    write_json(json_path, result)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2 (tracebacks with --debug)."""
+    debug = DEBUG_FLAG in sys.argv[1:]
+    if debug:
+        sys.argv.remove(DEBUG_FLAG)
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc.line()}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was left half-written", markup=False)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # a usage error from typer's parser, or a bug: one line unless --debug
+        if isinstance(exc, typer.TyperException) and hasattr(exc, "show"):
+            exc.show()
+            sys.exit(getattr(exc, "exit_code", 2))
+        if type(exc).__name__ == "Abort":
+            sys.exit(130)
+        if debug:
+            raise
+        err.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

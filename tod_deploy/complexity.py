@@ -1,0 +1,68 @@
+"""Parameters and multiply-adds of a deploy model at a given input size (``inspect``).
+
+Counting is torch's own ``FlopCounterMode`` (convolutions, linear layers, matmuls, attention),
+with one formula added for ``grid_sampler_2d`` - the core of deformable attention, which the
+stock counter ignores: 4 multiply-adds per sampled value (bilinear). Multiply-adds are FLOPs / 2,
+the unit the papers call "GFLOPs". Element-wise ops are not counted, as fvcore does not count
+them either, so the figures compare with the papers'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tod_deploy.methods.base import DeployModel
+
+
+def _grid_sample_flops(input_shape: Any, grid_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * 4 * prod(out_shape)  # 4 bilinear taps, each one multiply-add
+
+
+CUSTOM_FORMULAS = {torch.ops.aten.grid_sampler_2d: _grid_sample_flops}
+
+
+@dataclass
+class Complexity:
+    input_size: tuple[int, int]
+    parameters: int
+    macs: int
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": list(self.input_size),
+            "parameters": self.parameters,
+            "macs": self.macs,
+            "gmacs": self.macs / 1e9,
+            "parts": self.parts,
+        }
+
+
+def count_complexity(model: DeployModel, input_size: tuple[int, int], parts: dict[str, str]) -> Complexity:
+    """Count on one image; ``parts`` maps a display name to a submodule path for the breakdown."""
+    h, w = input_size
+    images = torch.zeros(1, 3, h, w)
+    counter = FlopCounterMode(display=False, depth=None, custom_mapping=CUSTOM_FORMULAS)
+    with torch.no_grad(), counter:
+        model(images)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    breakdown = {}
+    for label, path in parts.items():
+        module = model.get_submodule(path)
+        prefix = f"{root}.{path}"
+        # Containers that are iterated rather than called (ModuleList) have no entry of their
+        # own: add up their outermost called descendants instead.
+        inside = [k for k in counts if k == prefix or k.startswith(prefix + ".")]
+        outermost = [k for k in inside if k.rsplit(".", 1)[0] not in inside or k == prefix]
+        outermost = [prefix] if prefix in counts else outermost
+        breakdown[label] = {
+            "parameters": sum(p.numel() for p in module.parameters()),
+            "macs": sum(sum(counts[k].values()) for k in outermost) // 2,
+        }
+    return Complexity(input_size, sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2, breakdown)

@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX: export, graph passes, parity verification, artifacts."""

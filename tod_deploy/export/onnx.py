@@ -1,0 +1,65 @@
+"""torch.onnx.export (dynamo path) of a deploy model's export view.
+
+Spatial size is fixed per export (recipe ``input_size``) so position embeddings and reference
+points fold into constants; only the batch axis may be dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import onnx
+import torch
+
+from tod_deploy.methods.base import DeployModel, ExportView
+from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
+from tod_deploy.recipes import Recipe
+
+INPUT_NAME = "images"
+
+
+def example_images(recipe: Recipe, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    h, w = recipe.input_size
+    return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 255.0
+
+
+def output_names(model: DeployModel, raw_only: bool) -> list[str]:
+    return list(model.raw_names) if raw_only else [*CONTRACT_OUTPUTS, *model.raw_names]
+
+
+def export_to_onnx(model: DeployModel, recipe: Recipe, raw_only: bool) -> onnx.ModelProto:
+    """Export with contract + raw outputs (raw alone with ``raw_only``); passes run afterwards."""
+    view = ExportView(model, raw_only).eval()
+    batch = 2 if recipe.batch == "dynamic" else int(recipe.batch)
+    images = example_images(recipe, batch)
+    dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=64)}} if recipe.batch == "dynamic" else None
+    # The exporter narrates every pass and warns about folding it skips: keep the CLI quiet.
+    noisy = [logging.getLogger(name) for name in ("onnxscript", "torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in noisy]
+    try:
+        for lg in noisy:
+            lg.setLevel(logging.ERROR)
+        with (
+            torch.no_grad(),
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                view,
+                (images,),
+                dynamo=True,
+                opset_version=recipe.opset,
+                input_names=[INPUT_NAME],
+                output_names=output_names(model, raw_only),
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        for lg, level in zip(noisy, levels, strict=True):
+            lg.setLevel(level)
+    return program.model_proto

@@ -1,0 +1,56 @@
+"""Graph surgery after export (onnx-graphsurgeon): fold, clean, name, annotate.
+
+The raw head outputs are exported as graph outputs so they carry stable names; unless the user
+asked for a ``--raw`` export they are then dropped from the outputs but stay in the graph as
+named tensors, which ``verify`` exposes again (as Polygraphy's "mark outputs" does).
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from tod_deploy.errors import UserError
+
+# onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13, TensorRT 11 at most 10.
+IR_VERSION = 10
+
+
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+
+def clean_graph(model: onnx.ModelProto, keep_outputs: list[str], metadata: dict[str, object]) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup().toposort()
+    by_name = {t.name: t for t in graph.outputs}
+    graph.outputs = [by_name[name] for name in keep_outputs]
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph, do_type_check=True)
+    out.ir_version = min(model.ir_version, IR_VERSION)
+    out.producer_name, out.producer_version = "tod-deploy", str(metadata.get("tod_deploy_version", ""))
+    del out.metadata_props[:]
+    for key, value in metadata.items():
+        entry = out.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def expose_tensors(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model with intermediate tensors added as outputs (for parity checks)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    produced = {name for node in copy.graph.node for name in node.output}
+    for name in names:
+        if name in present:
+            continue
+        if name not in produced:
+            raise UserError(f"the ONNX file has no tensor named {name!r}", "re-export it with this tod-deploy")
+        copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return copy
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}

@@ -1,0 +1,1 @@
+"""Backbones returning multi-level feature maps."""

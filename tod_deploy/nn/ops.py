@@ -1,0 +1,48 @@
+"""Detection ops written so that ``torch.onnx.export`` maps them onto standard ONNX ops.
+
+Multi-scale deformable attention is the pure-PyTorch form of Deformable-DETR
+(``ms_deform_attn_core_pytorch``): one ``grid_sample`` per level with
+``align_corners=False``. It exports to ONNX ``GridSample`` which onnxruntime and TensorRT run
+unmodified, so no custom op is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Sample each level bilinearly and sum the samples weighted by attention.
+
+    value: [N, S, M, D]; sampling_locations: [N, Lq, M, L, P, 2] in [0, 1] (x, y);
+    attention_weights: [N, Lq, M, L, P]. Returns [N, Lq, M * D].
+    """
+    n, _, m, d = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
+    sampling_grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
+    return out.transpose(1, 2).contiguous()
+
+
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

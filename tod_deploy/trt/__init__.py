@@ -1,0 +1,1 @@
+"""TensorRT 11 (imported lazily: the package works without it)."""
