@@ -22,6 +22,9 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 
 def clean_graph(model: onnx.ModelProto, keep_outputs: list[str], metadata: dict[str, object]) -> onnx.ModelProto:
+    import onnxruntime  # graph-surgeon folds constants with it; keep its optimizer chatter out of the CLI
+
+    onnxruntime.set_default_logger_severity(3)
     graph = gs.import_onnx(model)
     graph.fold_constants().cleanup().toposort()
     by_name = {t.name: t for t in graph.outputs}
