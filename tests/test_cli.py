@@ -130,3 +130,35 @@ def test_inspect_json(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "i.json").read_text())
     assert result["paper"]["gmacs"] == 13.36
     assert abs(result["gmacs"] / 13.36 - 1) < 0.10
+
+
+def test_sr_tod_bad_detector_and_preset(tmp_path: Path) -> None:
+    proc = run("export", "-m", "sr_tod", "--detector", "yolo", "--output", str(tmp_path))
+    assert_one_line_error(proc, "unknown detector 'yolo'", "faster_rcnn, cascade_rcnn, retinanet")
+    proc = run("export", "-m", "sr_tod", "--preset", "coco", "--output", str(tmp_path))
+    assert_one_line_error(proc, "no variant 'coco'", "aitod")
+    proc = run("export", "-m", "thumbdet", "--extra-outputs", "diff_map", "--input-size", "256x256", "--output",
+               str(tmp_path))  # fmt: skip
+    assert_one_line_error(proc, "no extra output 'diff_map'")
+    proc = run("export", "-m", "sr_tod", "--input-size", "800x810", "--output", str(tmp_path))
+    assert_one_line_error(proc, "not divisible by 32", "800x832")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sr_tod_export_and_visualize(tmp_path: Path) -> None:
+    from PIL import Image
+
+    proc = run(
+        "export", "-m", "sr_tod", "--detector", "retinanet", "--input-size", "256x256", "--top-k", "50",
+        "--extra-outputs", "diff_map", "--output", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    onnx_path = tmp_path / "sr_tod_retinanet.onnx"
+    assert onnx_path.is_file() and (tmp_path / "sr_tod_retinanet.json").is_file()
+    Image.new("RGB", (320, 240), (120, 60, 30)).save(tmp_path / "photo.png")
+    proc = run("visualize", str(onnx_path), "--image", str(tmp_path / "photo.png"), "--out", str(tmp_path / "viz"))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("photo_diff_map.png", "photo_binary_mask.png"):
+        with Image.open(tmp_path / "viz" / name) as img:
+            assert img.size == (256, 256) and img.mode == "L"
+    assert_one_line_error(run("visualize", str(onnx_path), "--image", str(tmp_path / "nope.png")), "does not exist")

@@ -19,14 +19,11 @@ class Toy(DeployModel):
         self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.fc = nn.Linear(8, 5)
 
-    def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.conv(images)  # [1, 8, H/2, W/2]
         grid = torch.zeros(1, 7, 11, 2)
         sampled = nn.functional.grid_sample(x, grid, align_corners=False)  # [1, 8, 7, 11]
-        return (self.fc(sampled.mean(dim=(2, 3))),)
-
-    def postprocess(self, raw: tuple[torch.Tensor, ...], image_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-        return raw
+        return {"y": self.fc(sampled.mean(dim=(2, 3)))}
 
     def complexity_parts(self) -> dict[str, str]:
         return {"conv": "conv", "fc": "fc"}

@@ -27,13 +27,17 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 DEBUG_FLAG = "--debug"
 
-MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method to build: thumbdet.")]
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method to build: thumbdet, sr_tod.")]
 CheckpointOpt = Annotated[
     Path | None, typer.Option(help="Trained weights (.pth, upstream key names). Default: seeded random weights.")
 ]
 InputSizeOpt = Annotated[str | None, typer.Option(help="HEIGHTxWIDTH of the input image, e.g. 800x1333.")]
 ScaleOpt = Annotated[int | None, typer.Option(help="ThumbDet down-sampling: 4 (default), 2, or 1 (no thumbnail).")]
 VariantOpt = Annotated[str | None, typer.Option(help="Named recipe variant (see `tod-deploy methods`).")]
+PresetOpt = Annotated[str | None, typer.Option(help="SR-TOD data-set preset: aitod, visdrone, droneswarms.")]
+DetectorOpt = Annotated[
+    str | None, typer.Option(help="Detector of the method, e.g. faster_rcnn, cascade_rcnn, retinanet (SR-TOD).")
+]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the full result as JSON to this file.")]
 
 
@@ -41,10 +45,16 @@ def log(message: str) -> None:
     err.print(message, markup=False)
 
 
-def variant_of(scale: int | None, variant: str | None) -> str | None:
-    if scale is not None and variant is not None:
-        raise UserError("--scale and --variant both given", "use one of them")
-    return f"{scale}x" if scale is not None else variant
+def variant_of(scale: int | None, variant: str | None, preset: str | None = None) -> str | None:
+    """--scale N and --preset P are friendlier names for recipe variants."""
+    given = [v for v in (f"{scale}x" if scale is not None else None, preset, variant) if v is not None]
+    if len(given) > 1:
+        raise UserError("more than one of --scale, --preset and --variant given", "use one of them")
+    return given[0] if given else None
+
+
+def model_overrides(detector: str | None) -> dict[str, Any]:
+    return {"model": {"detector": detector}} if detector else {}
 
 
 def write_json(path: Path | None, data: Any) -> None:
@@ -111,6 +121,8 @@ def export_cmd(
     output: Annotated[Path, typer.Option(help="Directory for <name>.onnx and <name>.json.")] = Path("artifacts"),
     input_size: InputSizeOpt = None,
     scale: ScaleOpt = None,
+    preset: PresetOpt = None,
+    detector: DetectorOpt = None,
     variant: VariantOpt = None,
     batch: Annotated[str | None, typer.Option(help="Batch size baked in (e.g. 1), or 'dynamic'.")] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default from the recipe).")] = None,
@@ -119,12 +131,15 @@ def export_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the random weights when no checkpoint is given.")] = 0,
     verify: Annotated[bool, typer.Option(help="Check onnxruntime against PyTorch before writing.")] = True,
     name: Annotated[str | None, typer.Option(help="File stem (default: the method, plus variant).")] = None,
+    extra_outputs: Annotated[
+        str | None, typer.Option(help="Comma-separated extra outputs to keep, e.g. diff_map,binary_mask (SR-TOD).")
+    ] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """PyTorch -> inference graph -> ONNX, verified against PyTorch, written with a JSON sidecar."""
     from tod_deploy.export.pipeline import export_model
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = model_overrides(detector)
     if input_size is not None:
         overrides["input_size"] = input_size
     if batch is not None:
@@ -133,9 +148,13 @@ def export_cmd(
         overrides["opset"] = opset
     if top_k is not None:
         overrides["top_k"] = top_k
+    extras = tuple(e.strip() for e in (extra_outputs or "").split(",") if e.strip())
+    if "diff_map" in extras and "binary_mask" not in extras:
+        extras = (*extras, "binary_mask")  # the mask is what users look at beside the map
     result = export_model(
-        method, output, checkpoint, variant_of(scale, variant), overrides, raw, seed, verify, name, log=log
-    )
+        method, output, checkpoint, variant_of(scale, variant, preset), overrides, raw, seed, verify, name,
+        extras, log=log,
+    )  # fmt: skip
     if result.verification is not None:
         out.print(parity_table(result.verification))
     info = result.sidecar
@@ -193,6 +212,8 @@ def inspect_cmd(
     method: MethodOpt,
     input_size: InputSizeOpt = None,
     scale: ScaleOpt = None,
+    preset: PresetOpt = None,
+    detector: DetectorOpt = None,
     variant: VariantOpt = None,
     checkpoint: CheckpointOpt = None,
     json_path: JsonOpt = None,
@@ -200,10 +221,24 @@ def inspect_cmd(
     """Parameters and multiply-adds (the papers' "GFLOPs") of the deploy model, vs the paper."""
     from tod_deploy.inspection import inspect_method, inspect_table
 
-    overrides = {"input_size": input_size} if input_size else {}
-    result = inspect_method(method, variant_of(scale, variant), overrides, checkpoint, log=log)
+    overrides = model_overrides(detector) | ({"input_size": input_size} if input_size else {})
+    result = inspect_method(method, variant_of(scale, variant, preset), overrides, checkpoint, log=log)
     out.print(inspect_table(result))
     write_json(json_path, result)
+
+
+@app.command("visualize")
+def visualize_cmd(
+    model: Annotated[Path, typer.Argument(help="An .onnx exported with --extra-outputs diff_map.")],
+    image: Annotated[Path, typer.Option(help="Image file (PNG/JPEG); resized to the model's input size.")],
+    out: Annotated[Path, typer.Option(help="Directory for the PNG files.")] = Path("artifacts/visualize"),
+) -> None:
+    """Save a model's extra outputs (SR-TOD's difference map and binary mask) as PNG images."""
+    from tod_deploy.visualize import save_extra_outputs
+
+    for path in save_extra_outputs(model, image, out):
+        out_line = f"wrote {path}"
+        log(out_line)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from math import prod
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tod_deploy.methods.base import DeployModel
@@ -24,6 +25,17 @@ def _grid_sample_flops(input_shape: Any, grid_shape: Any, *args: Any, out_shape:
 
 
 CUSTOM_FORMULAS = {torch.ops.aten.grid_sampler_2d: _grid_sample_flops}
+
+
+class _Run(nn.Module):
+    """Calls ``run`` through ``__call__`` so the counter's module tracker names every submodule."""
+
+    def __init__(self, model: DeployModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.run(images)
 
 
 @dataclass
@@ -49,18 +61,17 @@ def count_complexity(model: DeployModel, input_size: tuple[int, int], parts: dic
     images = torch.zeros(1, 3, h, w)
     counter = FlopCounterMode(display=False, depth=None, custom_mapping=CUSTOM_FORMULAS)
     with torch.no_grad(), counter:
-        model(images)
+        _Run(model)(images)
     counts = counter.get_flop_counts()
-    root = type(model).__name__
+    root = "_Run.model"
     breakdown = {}
     for label, path in parts.items():
         module = model.get_submodule(path)
         prefix = f"{root}.{path}"
         # Containers that are iterated rather than called (ModuleList) have no entry of their
         # own: add up their outermost called descendants instead.
-        inside = [k for k in counts if k == prefix or k.startswith(prefix + ".")]
-        outermost = [k for k in inside if k.rsplit(".", 1)[0] not in inside or k == prefix]
-        outermost = [prefix] if prefix in counts else outermost
+        inside = {k for k in counts if k == prefix or k.startswith(prefix + ".")}
+        outermost = [k for k in inside if not any(k.startswith(other + ".") for other in inside)]
         breakdown[label] = {
             "parameters": sum(p.numel() for p in module.parameters()),
             "macs": sum(sum(counts[k].values()) for k in outermost) // 2,

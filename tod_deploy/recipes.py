@@ -31,8 +31,18 @@ class Recipe:
     batch: str = "1"  # "1".."N" fixed, or "dynamic"
     model: dict[str, Any] = field(default_factory=dict)
     variant: str = ""
+    default_variant: str = ""  # the variant the top-level settings already are (not named in file stems)
     # The paper's own figures for this configuration, so `inspect` can show the deviation.
     paper: dict[str, Any] = field(default_factory=dict)
+
+    def stem(self) -> str:
+        """File stem of an export: method, then non-default variant, then detector if any."""
+        parts = [self.method]
+        if self.variant and self.variant != self.default_variant:
+            parts.append(self.variant)
+        if "detector" in self.model:
+            parts.append(str(self.model["detector"]))
+        return "_".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

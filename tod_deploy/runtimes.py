@@ -42,11 +42,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(images)
-        raw = self.model.raw(x)
-        contract = self.model.postprocess(raw, (int(x.shape[-2]), int(x.shape[-1])))
-        values = dict(zip(("num_dets", "boxes", "scores", "labels"), contract, strict=True))
-        values.update(zip(self.model.raw_names, raw, strict=True))
+        values = self.model.run(torch.from_numpy(images))
         return {name: values[name].numpy() for name in self.output_names}
 
 

@@ -104,7 +104,9 @@ def load_checkpoint(model: nn.Module, path: Path, spec: MethodSpec) -> LoadRepor
     training-only parts may be absent (they are reported) or present (loaded, then dropped
     by ``deploy()``).
     """
-    source = {spec.map_checkpoint_key(k): v for k, v in read_state_dict(path).items()}
+    original = read_state_dict(path)
+    upstream_name = {spec.map_checkpoint_key(k): k for k in original}
+    source = {spec.map_checkpoint_key(k): v for k, v in original.items()}
     target = model.state_dict()
     training_only = spec.training_only_prefixes
     for key, value in source.items():
@@ -135,6 +137,6 @@ def load_checkpoint(model: nn.Module, path: Path, spec: MethodSpec) -> LoadRepor
     return LoadReport(
         loaded=len(usable),
         missing=[k for k in missing if k.startswith(training_only)],
-        unexpected=[k for k in unexpected if not k.startswith(training_only)],
-        training_only_ignored=[k for k in unexpected if k.startswith(training_only)],
+        unexpected=[upstream_name[k] for k in unexpected if not k.startswith(training_only)],
+        training_only_ignored=[upstream_name[k] for k in unexpected if k.startswith(training_only)],
     )

@@ -14,7 +14,7 @@ import warnings
 import onnx
 import torch
 
-from tod_deploy.methods.base import DeployModel, ExportView
+from tod_deploy.methods.base import DeployModel, ExportView, traced_names
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.recipes import Recipe
 
@@ -26,13 +26,15 @@ def example_images(recipe: Recipe, batch: int = 1, seed: int = 0) -> torch.Tenso
     return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 255.0
 
 
-def output_names(model: DeployModel, raw_only: bool) -> list[str]:
-    return list(model.raw_names) if raw_only else [*CONTRACT_OUTPUTS, *model.raw_names]
+def kept_outputs(model: DeployModel, raw_only: bool, extras: tuple[str, ...] = ()) -> list[str]:
+    """The outputs the written file keeps: the contract (or the raw head outputs), then extras."""
+    base = list(model.raw_names) if raw_only else list(CONTRACT_OUTPUTS)
+    return list(dict.fromkeys([*base, *extras]))
 
 
-def export_to_onnx(model: DeployModel, recipe: Recipe, raw_only: bool) -> onnx.ModelProto:
-    """Export with contract + raw outputs (raw alone with ``raw_only``); passes run afterwards."""
-    view = ExportView(model, raw_only).eval()
+def export_to_onnx(model: DeployModel, recipe: Recipe) -> onnx.ModelProto:
+    """Export every traced tensor as an output; the passes then keep what the user asked for."""
+    view = ExportView(model).eval()
     batch = 2 if recipe.batch == "dynamic" else int(recipe.batch)
     images = example_images(recipe, batch)
     dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=64)}} if recipe.batch == "dynamic" else None
@@ -54,7 +56,7 @@ def export_to_onnx(model: DeployModel, recipe: Recipe, raw_only: bool) -> onnx.M
                 dynamo=True,
                 opset_version=recipe.opset,
                 input_names=[INPUT_NAME],
-                output_names=output_names(model, raw_only),
+                output_names=traced_names(model),
                 dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,

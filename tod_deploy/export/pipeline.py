@@ -19,7 +19,7 @@ import onnx
 from tod_deploy.environment import environment, tod_deploy_version
 from tod_deploy.errors import UserError
 from tod_deploy.export.artifacts import sidecar_path, staged, write_json
-from tod_deploy.export.onnx import INPUT_NAME, export_to_onnx, output_names
+from tod_deploy.export.onnx import INPUT_NAME, export_to_onnx, kept_outputs
 from tod_deploy.export.passes import clean_graph, read_metadata
 from tod_deploy.export.verify import VerificationReport, verify_onnx
 from tod_deploy.models import build_deploy_model, parameter_count, resolve_recipe
@@ -74,26 +74,31 @@ def export_model(
     seed: int = 0,
     verify: bool = True,
     name: str | None = None,
+    extras: tuple[str, ...] = (),
     log: Log = print,
 ) -> ExportResult:
     recipe = resolve_recipe(method, variant, overrides)
-    stem = name or (method if not recipe.variant or recipe.variant == "4x" else f"{method}_{recipe.variant}")
-    onnx_path = Path(output_dir) / f"{stem}.onnx"
+    onnx_path = Path(output_dir) / f"{name or recipe.stem()}.onnx"
     steps = Steps(4 if verify else 3, log)
 
     deploy, weights = steps.run(
         f"build {method} deploy model", lambda: build_deploy_model(recipe, checkpoint, seed, log)
     )
+    unknown = [e for e in extras if e not in deploy.extra_names]
+    if unknown:
+        offered = ", ".join(deploy.extra_names) or "none"
+        raise UserError(f"{method} has no extra output {unknown[0]!r}", f"extra outputs of {method}: {offered}")
     exported = steps.run(
         f"export to ONNX (opset {recipe.opset}, batch {recipe.batch}, {recipe.input_size[0]}x{recipe.input_size[1]})",
-        lambda: export_to_onnx(deploy, recipe, raw),
+        lambda: export_to_onnx(deploy, recipe),
     )
-    keep = output_names(deploy, raw_only=True) if raw else output_names(deploy, raw_only=False)[:4]
+    keep = kept_outputs(deploy, raw, extras)
     metadata = {
         "tod_deploy_version": tod_deploy_version(),
         "method": method,
         "recipe": recipe.to_dict(),
         "raw_tensors": list(deploy.raw_names),
+        "parity_tensors": list(deploy.parity_names),
         "input": f"{INPUT_NAME}: float32 [N,3,H,W] RGB 0..255",
     }
     model = steps.run(

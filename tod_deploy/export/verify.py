@@ -164,7 +164,7 @@ def verify_onnx(
     """Run onnxruntime (CPU) and PyTorch on the same seeded inputs and compare."""
     graph_outputs = [o.name for o in model.graph.output]
     has_contract = all(name in graph_outputs for name in CONTRACT_OUTPUTS)
-    raw = list(deploy.raw_names)
+    raw = list(deploy.parity_names)
     names = [*CONTRACT_OUTPUTS, *raw] if has_contract else raw
     ort_runner = OnnxRuntimeRunner(expose_tensors(model, names), threads)
     torch_runner = TorchRunner(deploy, names, threads)

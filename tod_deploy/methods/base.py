@@ -14,45 +14,57 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.recipes import Recipe
 
 
 class DeployModel(nn.Module, ABC):
+    """The inference view of a method.
+
+    ``run`` computes every named tensor a deployment may want in one pass: the detection
+    contract, the head outputs a ``--raw`` export keeps (``raw_names``), the dense pre-NMS
+    tensors that parity is checked on element by element (``parity_names``: NMS and top-k may
+    legitimately reorder near-ties, dense outputs may not differ), and optional extras
+    (``extra_names``) a user can ask to keep beside the contract.
+    """
+
     raw_names: tuple[str, ...] = ()
+    parity_names: tuple[str, ...] = ()
+    extra_names: tuple[str, ...] = ()
 
     @abstractmethod
-    def raw(self, images: Tensor) -> tuple[Tensor, ...]:
-        """Head outputs named by ``raw_names``."""
-
-    @abstractmethod
-    def postprocess(self, raw: tuple[Tensor, ...], image_hw: tuple[int, int]) -> tuple[Tensor, ...]:
-        """(num_dets, boxes, scores, labels) from the raw outputs."""
+    def run(self, images: Tensor) -> dict[str, Tensor]:
+        """Contract outputs (``CONTRACT_OUTPUTS``) plus every raw / parity / extra tensor."""
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        return self.postprocess(self.raw(images), (int(images.shape[-2]), int(images.shape[-1])))
+        out = self.run(images)
+        return tuple(out[name] for name in CONTRACT_OUTPUTS)
+
+    def raw(self, images: Tensor) -> tuple[Tensor, ...]:
+        out = self.run(images)
+        return tuple(out[name] for name in self.raw_names)
 
     def complexity_parts(self) -> dict[str, str]:
         """Display name -> submodule path, for the per-part breakdown of ``inspect``."""
         return {}
 
 
+def traced_names(model: DeployModel) -> list[str]:
+    """Every tensor an export traces, each once: contract, raw, parity, extras."""
+    return list(dict.fromkeys([*CONTRACT_OUTPUTS, *model.raw_names, *model.parity_names, *model.extra_names]))
+
+
 class ExportView(nn.Module):
-    """The graph that gets exported: contract outputs, then raw outputs (or raw alone).
+    """The graph that gets exported: every traced tensor as an output, so passes can name them;
+    the written file keeps only the requested ones as outputs, the rest stay named inside."""
 
-    Raw outputs travel with the contract during export so that graph passes can name them;
-    the written file keeps them only as named intermediate tensors that ``verify`` can expose.
-    """
-
-    def __init__(self, model: DeployModel, raw_only: bool) -> None:
+    def __init__(self, model: DeployModel) -> None:
         super().__init__()
         self.model = model
-        self.raw_only = raw_only
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        raw = self.model.raw(images)
-        if self.raw_only:
-            return raw
-        return (*self.model.postprocess(raw, (int(images.shape[-2]), int(images.shape[-1]))), *raw)
+        out = self.model.run(images)
+        return tuple(out[name] for name in traced_names(self.model))
 
 
 class TrainingModel(nn.Module, ABC):

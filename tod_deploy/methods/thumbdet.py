@@ -24,7 +24,7 @@ from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel
 from tod_deploy.nn.backbones.resnet import RESNET50_CHANNELS, fold_batchnorm, resnet50_body
 from tod_deploy.nn.deformable_detr import DeformableDETR, DeformableDETRConfig
 from tod_deploy.nn.detr_criterion import SetCriterion
-from tod_deploy.nn.postprocess import detr_topk
+from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS, detr_topk
 from tod_deploy.recipes import Recipe
 
 
@@ -136,6 +136,7 @@ class ThumbDetDeploy(DeployModel):
     """The student alone: images 0..255 -> thumbnail -> Deformable-DETR -> top-K detections."""
 
     raw_names = ("pred_logits", "pred_boxes")
+    parity_names = raw_names
 
     def __init__(self, detector: DeformableDETR, top_k: int, score_threshold: float) -> None:
         super().__init__()
@@ -143,13 +144,12 @@ class ThumbDetDeploy(DeployModel):
         self.top_k = top_k
         self.score_threshold = score_threshold
 
-    def raw(self, images: Tensor) -> tuple[Tensor, ...]:
+    def run(self, images: Tensor) -> dict[str, Tensor]:
         out = self.detector(images / 255.0)
-        return out["pred_logits"], out["pred_boxes"]
-
-    def postprocess(self, raw: tuple[Tensor, ...], image_hw: tuple[int, int]) -> tuple[Tensor, ...]:
-        logits, boxes = raw
-        return detr_topk(logits, boxes, image_hw, self.top_k, self.score_threshold)
+        logits, boxes = out["pred_logits"], out["pred_boxes"]
+        image_hw = (int(images.shape[-2]), int(images.shape[-1]))
+        contract = detr_topk(logits, boxes, image_hw, self.top_k, self.score_threshold)
+        return {**dict(zip(CONTRACT_OUTPUTS, contract, strict=True)), "pred_logits": logits, "pred_boxes": boxes}
 
     def complexity_parts(self) -> dict[str, str]:
         parts = {"down-sampler": "detector.backbone.0.down_sample"}

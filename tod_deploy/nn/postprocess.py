@@ -40,3 +40,29 @@ def detr_topk(
     boxes = box_cxcywh_to_xyxy(boxes_cxcywh) * scale
     boxes = torch.gather(boxes, 1, query[..., None].expand(n, top_k, 4))
     return pad_past_threshold(boxes, scores, labels, score_threshold)
+
+
+def grouped_nms_topk(
+    boxes: Tensor, scores: Tensor, groups: Tensor, valid: Tensor, iou_threshold: float, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """NMS within each (image, group) and the k best survivors per image, as fixed-size tensors.
+
+    boxes [N, M, 4], scores [N, M] (>= 0), groups [N, M] (class or level ids), valid [N, M].
+    One NMS call covers the whole batch: boxes are shifted apart per (image, group), mmdet's
+    ``batched_nms`` trick, so the graph has no per-image loop and the batch axis can stay dynamic.
+    Invalid entries get score -1: they sort last, so they can never suppress a valid box.
+    Returns boxes [N, k, 4], scores [N, k], index into M [N, k], and which of the k are kept.
+    """
+    from torchvision.ops import nms
+
+    n, m = scores.shape
+    masked = torch.where(valid, scores, torch.full_like(scores, -1.0))
+    image_ids = torch.arange(n, device=boxes.device).view(n, 1).expand(n, m)
+    group_count = groups.max().detach() + 1
+    offsets = (image_ids * group_count + groups).to(boxes.dtype) * (boxes.max().detach() + 1)
+    keep = nms((boxes + offsets[..., None]).reshape(-1, 4), masked.reshape(-1), iou_threshold)
+    kept = torch.zeros(n * m, dtype=torch.bool, device=boxes.device).scatter(0, keep, True).view(n, m)
+    ranked = torch.where(kept & valid, scores, torch.full_like(scores, -1.0))
+    top_scores, index = ranked.topk(min(k, m), dim=1)
+    top_boxes = torch.gather(boxes, 1, index[..., None].expand(-1, -1, 4))
+    return top_boxes, top_scores, index, top_scores >= 0

@@ -1,0 +1,1 @@
+"""Detection heads (RPN, RoI heads, dense heads) with mmdet key names."""

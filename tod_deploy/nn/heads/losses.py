@@ -1,0 +1,75 @@
+"""Training losses of the mmdet-style heads: max-IoU assignment, objectness / focal / CE, L1.
+
+Training-only and deliberately plain (no random sampling): they exist so that a training
+form's optimization step can be run and its gradients checked, not to reproduce mmdet's
+training schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import box_iou, sigmoid_focal_loss
+
+from tod_deploy.nn.anchors import encode_deltas
+
+NEGATIVE, IGNORE = -1, -2
+
+
+def assign_max_iou(boxes: Tensor, gt: Tensor, pos_thr: float, neg_thr: float, min_pos_iou: float | None) -> Tensor:
+    """Per box: index of its ground truth (>= 0), NEGATIVE, or IGNORE - mmdet's MaxIoUAssigner."""
+    assigned = torch.full((boxes.shape[0],), IGNORE, dtype=torch.long, device=boxes.device)
+    if gt.numel() == 0:
+        return assigned.fill_(NEGATIVE)
+    iou = box_iou(boxes, gt)
+    best, best_gt = iou.max(dim=1)
+    assigned[best < neg_thr] = NEGATIVE
+    assigned[best >= pos_thr] = best_gt[best >= pos_thr]
+    if min_pos_iou is not None:  # match_low_quality: every gt keeps its best box
+        gt_best, gt_box = iou.max(dim=0)
+        for g in range(gt.shape[0]):
+            if gt_best[g] >= min_pos_iou:
+                assigned[gt_box[g]] = g
+    return assigned
+
+
+def dense_loss(
+    logits: Tensor, deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor | None,
+    pos_thr: float, neg_thr: float, min_pos_iou: float | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One image of an anchor head: logits [A, C] (C = 1 for RPN objectness), deltas [A, 4]."""
+    assigned = assign_max_iou(anchors, gt_boxes, pos_thr, neg_thr, min_pos_iou)
+    pos, used = assigned >= 0, assigned != IGNORE
+    target = torch.zeros_like(logits)
+    if pos.any():
+        cls_index = gt_labels[assigned[pos]] if gt_labels is not None else torch.zeros_like(assigned[pos])
+        target[pos.nonzero().squeeze(1), cls_index] = 1.0
+    num_pos = max(int(pos.sum()), 1)
+    if gt_labels is None:
+        cls = F.binary_cross_entropy_with_logits(logits[used], target[used], reduction="sum") / max(int(used.sum()), 1)
+    else:
+        cls = sigmoid_focal_loss(logits[used], target[used], reduction="sum") / num_pos
+    reg = deltas.sum() * 0.0
+    if pos.any():
+        reg = (deltas[pos] - encode_deltas(anchors[pos], gt_boxes[assigned[pos]], (1.0, 1.0, 1.0, 1.0))).abs().sum()
+        reg = reg / num_pos
+    return cls, reg
+
+
+def roi_loss(
+    logits: Tensor, deltas: Tensor, rois: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int,
+    stds: tuple[float, ...], iou_thr: float, class_agnostic: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One image of a box head: logits [P, C + 1] (background last), deltas [P, 4C or 4]."""
+    assigned = assign_max_iou(rois, gt_boxes, iou_thr, iou_thr, None)
+    pos = assigned >= 0
+    labels = torch.full_like(assigned, num_classes)
+    labels[pos] = gt_labels[assigned[pos]]
+    cls = F.cross_entropy(logits, labels)
+    reg = deltas.sum() * 0.0
+    if pos.any():
+        d = deltas[pos].view(-1, 1 if class_agnostic else num_classes, 4)
+        d = d[:, 0] if class_agnostic else d[torch.arange(d.shape[0]), labels[pos]]
+        reg = (d - encode_deltas(rois[pos], gt_boxes[assigned[pos]], stds)).abs().sum() / max(int(pos.sum()), 1)
+    return cls, reg
