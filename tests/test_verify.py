@@ -41,12 +41,36 @@ def test_detections_match_regardless_of_order() -> None:
     assert agreement.checked == 2 and agreement.matched == 2 and agreement.ok
 
 
+def test_zero_area_boxes_match_only_themselves() -> None:
+    from tod_deploy.export.verify import box_iou
+
+    points = np.array([[5.0, 5.0, 5.0, 5.0], [7.0, 7.0, 7.0, 7.0]])
+    assert box_iou(points, points).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
 def test_detections_disagree_on_label_or_box() -> None:
     ref = _dets([[0, 0, 10, 10], [20, 20, 40, 40], [0, 0, 1, 1]], [0.9, 0.8, 0.1], [1, 2, 3])
     got = _dets([[0, 0, 10, 12], [20, 20, 40, 40], [0, 0, 1, 1]], [0.9, 0.8, 0.1], [1, 5, 3])
     agreement = DetectionAgreement()
     agree_detections(ref, got, 0.0, agreement)
     assert agreement.matched == 0 and not agreement.ok and agreement.min_iou < 0.99
+
+
+def test_nms_near_tie_is_excused_but_a_real_swap_is_not() -> None:
+    # Reference kept A (0.30000) and suppressed B; the candidate kept B (0.30004), which overlaps A
+    # at IoU 0.68 > the NMS threshold 0.5: which of the two survives depends on a 4e-5 tie.
+    ref = _dets([[0, 0, 10, 10], [50, 50, 60, 60], [90, 90, 99, 99]], [0.9, 0.30000, 0.1], [1, 1, 2])
+    tie = _dets([[0, 0, 10, 10], [51, 51, 61, 61], [90, 90, 99, 99]], [0.9, 0.30004, 0.1], [1, 1, 2])
+    agreement = DetectionAgreement()
+    agree_detections(ref, tie, 0.0, agreement, nms_iou=0.5)
+    assert agreement.checked == 2 and agreement.matched == 1 and agreement.near_ties == 1 and agreement.ok
+    gap = _dets([[0, 0, 10, 10], [51, 51, 61, 61], [90, 90, 99, 99]], [0.9, 0.35, 0.1], [1, 1, 2])
+    agreement = DetectionAgreement()
+    agree_detections(ref, gap, 0.0, agreement, nms_iou=0.5)
+    assert agreement.near_ties == 0 and not agreement.ok  # a 0.05 score gap is no tie
+    agreement = DetectionAgreement()
+    agree_detections(ref, tie, 0.0, agreement, nms_iou=None)  # no NMS in the graph: no excuse
+    assert agreement.near_ties == 0 and not agreement.ok
 
 
 def test_verify_catches_a_corrupted_weight(small_onnx: Path) -> None:

@@ -27,7 +27,7 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 DEBUG_FLAG = "--debug"
 
-MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method to build: thumbdet, sr_tod.")]
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method to build: thumbdet, sr_tod, dfr_det.")]
 CheckpointOpt = Annotated[
     Path | None, typer.Option(help="Trained weights (.pth, upstream key names). Default: seeded random weights.")
 ]
@@ -36,7 +36,7 @@ ScaleOpt = Annotated[int | None, typer.Option(help="ThumbDet down-sampling: 4 (d
 VariantOpt = Annotated[str | None, typer.Option(help="Named recipe variant (see `tod-deploy methods`).")]
 PresetOpt = Annotated[str | None, typer.Option(help="SR-TOD data-set preset: aitod, visdrone, droneswarms.")]
 DetectorOpt = Annotated[
-    str | None, typer.Option(help="Detector of the method, e.g. faster_rcnn, cascade_rcnn, retinanet (SR-TOD).")
+    str | None, typer.Option(help="Detector: faster_rcnn, cascade_rcnn, retinanet (SR-TOD); fcos (DFR-Det).")
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the full result as JSON to this file.")]
 
@@ -77,8 +77,8 @@ def parity_table(report: Any) -> Table:
     if d is not None:
         table.add_row(
             "detections", f"IoU min {d.min_iou:.4f}", f"score diff {d.max_score_diff:.2g}",
-            f"IoU>={d.min_iou_required} / {d.score_tol:g}", f"{d.checked - d.matched}/{d.checked}",
-            "ok" if d.ok else "FAIL",
+            f"IoU>={d.min_iou_required} / {d.score_tol:g}", f"{d.checked - d.matched - d.near_ties}/{d.checked}",
+            ("ok" if d.ok else "FAIL") + (f" ({d.near_ties} NMS near-ties)" if d.near_ties else ""),
         )  # fmt: skip
     return table
 
@@ -126,6 +126,10 @@ def export_cmd(
     variant: VariantOpt = None,
     batch: Annotated[str | None, typer.Option(help="Batch size baked in (e.g. 1), or 'dynamic'.")] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default from the recipe).")] = None,
+    binary_conv: Annotated[
+        str | None,
+        typer.Option(help="1-bit layers as tod::BinaryConv2d nodes ('plugin') or standard ops ('decompose')."),
+    ] = None,
     raw: Annotated[bool, typer.Option(help="Keep the head outputs instead of the detection contract.")] = False,
     top_k: Annotated[int | None, typer.Option(help="Detections per image, K (default from the recipe).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random weights when no checkpoint is given.")] = 0,
@@ -146,6 +150,8 @@ def export_cmd(
         overrides["batch"] = batch
     if opset is not None:
         overrides["opset"] = opset
+    if binary_conv is not None:
+        overrides["binary_conv"] = binary_conv
     if top_k is not None:
         overrides["top_k"] = top_k
     extras = tuple(e.strip() for e in (extra_outputs or "").split(",") if e.strip())

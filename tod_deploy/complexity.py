@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tod_deploy.methods.base import DeployModel
+from tod_deploy.nn.binary import BinaryConv2d
 
 
 def _grid_sample_flops(input_shape: Any, grid_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -40,10 +41,24 @@ class _Run(nn.Module):
 
 @dataclass
 class Complexity:
+    """Counts, plus the 1-bit figures in BiDet's convention (the one DFR-Det's Table 2 uses):
+    size = 32 bits per real parameter + 1 bit per binary weight; OPs = real multiply-adds +
+    binary multiply-adds / 64."""
+
     input_size: tuple[int, int]
     parameters: int
     macs: int
     parts: dict[str, dict[str, int]] = field(default_factory=dict)
+    binary_parameters: int = 0
+    binary_macs: int = 0
+
+    @property
+    def size_mb(self) -> float:
+        return (32 * (self.parameters - self.binary_parameters) + self.binary_parameters) / 8 / 1e6
+
+    @property
+    def gops(self) -> float:
+        return (self.macs - self.binary_macs + self.binary_macs / 64) / 1e9
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +66,10 @@ class Complexity:
             "parameters": self.parameters,
             "macs": self.macs,
             "gmacs": self.macs / 1e9,
+            "binary_parameters": self.binary_parameters,
+            "binary_macs": self.binary_macs,
+            "size_mb": self.size_mb,
+            "gops": self.gops,
             "parts": self.parts,
         }
 
@@ -76,4 +95,12 @@ def count_complexity(model: DeployModel, input_size: tuple[int, int], parts: dic
             "parameters": sum(p.numel() for p in module.parameters()),
             "macs": sum(sum(counts[k].values()) for k in outermost) // 2,
         }
-    return Complexity(input_size, sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2, breakdown)
+    binary = {name: m for name, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+    return Complexity(
+        input_size,
+        sum(p.numel() for p in model.parameters()),
+        counter.get_total_flops() // 2,
+        breakdown,
+        binary_parameters=sum(m.weight.numel() for m in binary.values()),
+        binary_macs=sum(sum(counts.get(f"{root}.{name}", {}).values()) for name in binary) // 2,
+    )

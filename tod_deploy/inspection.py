@@ -45,6 +45,14 @@ def inspect_table(result: dict[str, Any]) -> Table:
                   _deviation(params_m, paper.get("params_m")))  # fmt: skip
     paper_gmacs = paper.get("gmacs") if same_size else None
     table.add_row("total multiply-adds", "", f"{gmacs:.2f}", str(paper_gmacs or ""), _deviation(gmacs, paper_gmacs))
+    if result.get("binary_parameters") or "size_mb" in paper:
+        size, gops = result["size_mb"], result["gops"]
+        table.add_row("size (MB, 32/1-bit)", f"{size:.2f}", "", str(paper.get("size_mb", "")),
+                      _deviation(size, paper.get("size_mb")))  # fmt: skip
+        paper_gops = paper.get("gops") if same_size else None
+        table.add_row(
+            "OPs (G, real + binary/64)", "", f"{gops:.2f}", str(paper_gops or ""), _deviation(gops, paper_gops)
+        )
     if paper and not same_size:
         table.caption = f"paper: {paper.get('gmacs')} G at {paper.get('input_size')} ({paper.get('source', '')})"
     elif paper.get("source"):

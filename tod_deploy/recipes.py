@@ -29,6 +29,7 @@ class Recipe:
     score_threshold: float = 0.0
     opset: int = 18
     batch: str = "1"  # "1".."N" fixed, or "dynamic"
+    binary_conv: str = "plugin"  # 1-bit layers as tod::BinaryConv2d nodes, or "decompose" (standard ops)
     model: dict[str, Any] = field(default_factory=dict)
     variant: str = ""
     default_variant: str = ""  # the variant the top-level settings already are (not named in file stems)
@@ -67,6 +68,8 @@ class Recipe:
             raise UserError(f"top_k must be positive, got {self.top_k}", "set top_k to e.g. 100 in the recipe")
         if self.opset < 17:
             raise UserError(f"opset {self.opset} is too old", "use --opset 17 or newer (GridSample, LayerNorm)")
+        if self.binary_conv not in ("plugin", "decompose"):
+            raise UserError(f"unknown binary-conv mode {self.binary_conv!r}", "use --binary-conv plugin or decompose")
         if self.batch != "dynamic" and not (self.batch.isdigit() and int(self.batch) > 0):
             raise UserError(f"batch must be a positive integer or 'dynamic', got {self.batch!r}", "use --batch 1")
         h, w = self.input_size

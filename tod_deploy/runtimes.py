@@ -52,8 +52,12 @@ class OnnxRuntimeRunner:
     def __init__(self, model: onnx.ModelProto, threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        from tod_deploy.ops.ort_binary_conv import session_options, uses_binary_conv
+
         ort.set_default_logger_severity(3)
-        options = ort.SessionOptions()
+        binary = uses_binary_conv(model)
+        # tod nodes run in onnxruntime-extensions' custom-op hook, which needs its library registered.
+        options = session_options() if binary else ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3

@@ -109,6 +109,8 @@ def load_checkpoint(model: nn.Module, path: Path, spec: MethodSpec) -> LoadRepor
     source = {spec.map_checkpoint_key(k): v for k, v in original.items()}
     target = model.state_dict()
     training_only = spec.training_only_prefixes
+    if spec.check_checkpoint_keys is not None:
+        spec.check_checkpoint_keys(set(source), model)
     for key, value in source.items():
         if key in target and target[key].shape != value.shape:
             raise UserError(

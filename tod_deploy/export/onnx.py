@@ -15,7 +15,9 @@ import onnx
 import torch
 
 from tod_deploy.methods.base import DeployModel, ExportView, traced_names
+from tod_deploy.nn.binary import BinaryConv2d
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
+from tod_deploy.ops.binary_conv_onnx import finalize, prepare_for_export, translation_table
 from tod_deploy.recipes import Recipe
 
 INPUT_NAME = "images"
@@ -34,7 +36,10 @@ def kept_outputs(model: DeployModel, raw_only: bool, extras: tuple[str, ...] = (
 
 def export_to_onnx(model: DeployModel, recipe: Recipe) -> onnx.ModelProto:
     """Export every traced tensor as an output; the passes then keep what the user asked for."""
-    view = ExportView(model).eval()
+    view: torch.nn.Module = ExportView(model).eval()
+    binary = any(isinstance(m, BinaryConv2d) for m in model.modules())
+    if binary:  # 1-bit layers become tod::BinaryConv2d nodes or their standard-op decomposition
+        view = prepare_for_export(view, recipe.binary_conv).eval()
     batch = 2 if recipe.batch == "dynamic" else int(recipe.batch)
     images = example_images(recipe, batch)
     dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=64)}} if recipe.batch == "dynamic" else None
@@ -58,10 +63,11 @@ def export_to_onnx(model: DeployModel, recipe: Recipe) -> onnx.ModelProto:
                 input_names=[INPUT_NAME],
                 output_names=traced_names(model),
                 dynamic_shapes=dynamic_shapes,
+                custom_translation_table=translation_table() if binary else None,
                 optimize=True,
                 verbose=False,
             )
     finally:
         for lg, level in zip(noisy, levels, strict=True):
             lg.setLevel(level)
-    return program.model_proto
+    return finalize(program.model_proto, recipe.binary_conv) if binary else program.model_proto

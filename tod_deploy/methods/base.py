@@ -31,6 +31,10 @@ class DeployModel(nn.Module, ABC):
     raw_names: tuple[str, ...] = ()
     parity_names: tuple[str, ...] = ()
     extra_names: tuple[str, ...] = ()
+    nms_iou: float | None = None  # the final NMS threshold, if the graph has one (parity excuses its near-ties)
+    # The threshold final scores are cut at, if not the recipe's (FCOS cuts class probabilities
+    # before multiplying by centerness, so its final scores have no cut): parity skips boxes near it.
+    final_score_threshold: float | None = None
 
     @abstractmethod
     def run(self, images: Tensor) -> dict[str, Tensor]:
@@ -88,3 +92,6 @@ class MethodSpec:
     build: Any  # Callable[[Recipe], TrainingModel]
     map_checkpoint_key: Any  # Callable[[str], str]: upstream key -> training-form key
     training_only_prefixes: tuple[str, ...]
+    # Optional Callable[[set[str], nn.Module], None]: raise UserError when a checkpoint's keys show
+    # it was trained with other layer options than the recipe's (before any tensor is loaded).
+    check_checkpoint_keys: Any = None

@@ -221,6 +221,7 @@ class SRTODDeploy(DeployModel):
         self.rcnn = RCNNTestConfig(recipe.score_threshold, cfg.nms_iou, recipe.top_k)
         self.proposal = ProposalConfig(cfg.rpn_nms_pre, cfg.rpn_max_per_img, cfg.rpn_iou)
         self.extra_names = ("diff_map", "binary_mask") if cfg.enhance else ()
+        self.nms_iou = cfg.nms_iou
         if cfg.detector == "retinanet":
             self.raw_names = ("cls_logits", "bbox_deltas")
         else:

@@ -66,3 +66,12 @@ def grouped_nms_topk(
     top_scores, index = ranked.topk(min(k, m), dim=1)
     top_boxes = torch.gather(boxes, 1, index[..., None].expand(-1, -1, 4))
     return top_boxes, top_scores, index, top_scores >= 0
+
+
+def pad_invalid(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The contract from NMS survivors: ``keep`` (a prefix of each row) says which rows are real."""
+    num_dets = keep.sum(dim=1).to(torch.int32)
+    boxes = torch.where(keep[..., None], boxes, torch.zeros_like(boxes))
+    scores = torch.where(keep, scores, torch.zeros_like(scores))
+    labels = torch.where(keep, labels, torch.zeros_like(labels)).to(torch.int32)
+    return num_dets, boxes, scores, labels

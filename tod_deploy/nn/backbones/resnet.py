@@ -13,6 +13,8 @@ from torchvision.models import resnet50
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from tod_deploy.nn.binary import BinaryConv2d
+
 RESNET50_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
 
 
@@ -41,8 +43,19 @@ def _folded(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     return fused
 
 
+def _fold_into_binary(conv: BinaryConv2d, bn: nn.Module) -> None:
+    """alpha * S + b, then BN, is alpha' * S + b' with alpha' = alpha * s, b' = (b - mean) * s + beta:
+    the 1-bit kernel's epilogue applies both, so the BN pass disappears."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    base = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        conv.alpha = nn.Parameter(conv.scale().detach() * scale)
+        conv.alpha_mode = "learned"
+        conv.bias = nn.Parameter((base - bn.running_mean) * scale + bn.bias)
+
+
 def fold_batchnorm(module: nn.Module) -> int:
-    """Fold every Conv2d directly followed by a BatchNorm/FrozenBN sibling, in place.
+    """Fold every Conv2d (real or 1-bit) directly followed by a BatchNorm/FrozenBN sibling, in place.
 
     Why: at inference BN is an affine per channel; folding it saves a pass over every feature
     map in eager PyTorch and gives the exporter fewer nodes. Returns how many were folded.
@@ -52,8 +65,14 @@ def fold_batchnorm(module: nn.Module) -> int:
         names = list(parent._modules)
         for conv_name, bn_name in zip(names, names[1:], strict=False):
             conv, bn = parent._modules[conv_name], parent._modules[bn_name]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d | nn.BatchNorm2d):
+            if not isinstance(bn, FrozenBatchNorm2d | nn.BatchNorm2d):
+                continue
+            if isinstance(conv, BinaryConv2d):
+                _fold_into_binary(conv, bn)
+            elif isinstance(conv, nn.Conv2d):
                 parent._modules[conv_name] = _folded(conv, bn)
-                parent._modules[bn_name] = nn.Identity()
-                folded += 1
+            else:
+                continue
+            parent._modules[bn_name] = nn.Identity()
+            folded += 1
     return folded

@@ -20,8 +20,9 @@ class ConvModule(nn.Module):
 
 
 class FPN(nn.Module):
-    """Top-down FPN. Extra levels: ``"pool"`` (max-pool of the top output, Faster R-CNN) or
-    ``"on_input"`` (3x3/2 convs on the last backbone map, then on ReLU of the previous, RetinaNet)."""
+    """Top-down FPN. Extra levels: ``"pool"`` (max-pool of the top output, Faster R-CNN),
+    ``"on_input"`` (3x3/2 convs on the last backbone map, then on ReLU of the previous, RetinaNet)
+    or ``"on_output"`` (the same, starting from the top output, FCOS)."""
 
     def __init__(
         self, in_channels: list[int], out_channels: int, num_outs: int, start_level: int = 0, extra: str = "pool"
@@ -31,9 +32,10 @@ class FPN(nn.Module):
         used = in_channels[start_level:]
         self.lateral_convs = nn.ModuleList(ConvModule(c, out_channels, 1) for c in used)
         fpn = [ConvModule(out_channels, out_channels, 3, padding=1) for _ in used]
-        if extra == "on_input":
+        if extra in ("on_input", "on_output"):
             for i in range(num_outs - len(used)):
-                fpn.append(ConvModule(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, 1))
+                first_in = in_channels[-1] if extra == "on_input" else out_channels
+                fpn.append(ConvModule(first_in if i == 0 else out_channels, out_channels, 3, 2, 1))
         self.fpn_convs = nn.ModuleList(fpn)
         self.in_channels = in_channels
 
@@ -50,7 +52,7 @@ class FPN(nn.Module):
             while len(outs) < self.num_outs:
                 outs.append(F.max_pool2d(outs[-1], 1, stride=2))
         else:
-            outs.append(self.fpn_convs[n_used](feats[-1]))
+            outs.append(self.fpn_convs[n_used](feats[-1] if self.extra == "on_input" else outs[-1]))
             for i in range(n_used + 1, self.num_outs):
                 outs.append(self.fpn_convs[i](F.relu(outs[-1])))
         return outs

@@ -1,0 +1,238 @@
+// Driver of the CPU tod::BinaryConv2d: validation, weight preparation, activation packing,
+// threading and ISA dispatch. The hot loops are in kernels_*.cpp.
+#include "binary_conv2d_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <thread>
+
+namespace tod {
+namespace bconv {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+bool parse_isa(const std::string& name, Isa* isa) {
+  if (name == "avx512") {
+    *isa = Isa::kAvx512;
+  } else if (name == "avx2") {
+    *isa = Isa::kAvx2;
+  } else if (name == "scalar") {
+    *isa = Isa::kScalar;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> isas;
+#if defined(TOD_BCONV_X86)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vpopcntdq")) {
+    isas.push_back(Isa::kAvx512);
+  }
+  if (__builtin_cpu_supports("avx2")) isas.push_back(Isa::kAvx2);
+#endif
+  isas.push_back(Isa::kScalar);
+  return isas;
+}
+
+namespace {
+
+// Static split of [0, items) over `threads` workers, the caller being one of them. Threads are
+// started per phase: a call is milliseconds long, a thread start tens of microseconds.
+template <class F>
+void parallel_for(int64_t items, int threads, F&& fn) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, items));
+  if (workers == 1) {
+    fn(0, int64_t(0), items);
+    return;
+  }
+  std::vector<std::thread> pool;
+  int64_t done_inline_from = workers;  // workers whose thread could not start run here
+  for (int64_t t = 1; t < workers; ++t) {
+    try {
+      pool.emplace_back([&fn, t, items, workers] { fn(t, items * t / workers, items * (t + 1) / workers); });
+    } catch (const std::exception&) {
+      done_inline_from = t;
+      break;
+    }
+  }
+  fn(0, int64_t(0), items / workers);
+  for (int64_t t = done_inline_from; t < workers; ++t) fn(t, items * t / workers, items * (t + 1) / workers);
+  for (auto& th : pool) th.join();
+}
+
+void prepare_weights(Problem& p) {
+  const Geometry& g = p.g;
+  p.weights.assign(static_cast<size_t>(g.group * g.cog_pad * g.taps * g.words), 0);
+  for (int64_t grp = 0; grp < g.group; ++grp)
+    for (int64_t o = 0; o < g.cog; ++o)
+      for (int64_t tap = 0; tap < g.taps; ++tap)
+        for (int64_t j = 0; j < g.words; ++j)
+          p.weights[weight_index(g, grp, o, tap, j)] =
+              packed_weight_word(p.w_packed, g.words, g.taps, grp * g.cog + o, tap, j) & valid_bits(g.cg, j);
+}
+
+// Rows of input packed per channel visit: a channel's rows are contiguous, so one visit reads
+// rows * w floats in one stream instead of restarting the prefetcher every row (which made
+// packing narrow maps, e.g. 25 columns = 100 bytes per row, far slower than memory).
+int64_t rows_per_block(const Geometry& g) {
+  const int64_t target = 2048;  // words per plane in the temporaries (16 KiB)
+  return std::max<int64_t>(1, std::min<int64_t>(g.h, target / std::max<int64_t>(1, g.w)));
+}
+
+// Pack input rows [y0, y0 + rows) of word jw of image n into the padded layout (with their left
+// and right padding and slack); the block with y0 == 0 also writes the top and bottom padding
+// rows of this word. Returns whether some activation binarized to 0.
+bool pack_rows(const Problem& p, PackBlockFn block, int64_t n, int64_t jw, int64_t y0, int64_t rows, uint64_t* tmp_sign,
+               uint64_t* tmp_nz) {
+  const Geometry& g = p.g;
+  const ActLayout& a = p.a;
+  const int64_t image = n * a.image_words();
+  const int64_t region = a.word_step();  // all phases of one (row, word)
+  uint64_t* sign = p.sign + image;
+  uint64_t* nonzero = p.nonzero ? p.nonzero + image : nullptr;
+  const int64_t grp = jw / g.words;
+  const int64_t j = jw % g.words;
+  const uint64_t valid = valid_bits(g.cg, j);
+  const Bits pad = pad_word(static_cast<int>(g.pad_value), valid);
+
+  auto start_row = [&](int64_t iy, bool all_pad) {
+    uint64_t* srow = sign + a.row_base(iy, jw);
+    uint64_t* zrow = nonzero ? nonzero + a.row_base(iy, jw) : nullptr;
+    std::memset(srow, 0, sizeof(uint64_t) * region);
+    if (zrow) std::memset(zrow, 0, sizeof(uint64_t) * region);
+    for (int64_t ix = 0; ix < g.wp; ++ix) {
+      if (!all_pad && ix >= g.pl && ix < g.pl + g.w) continue;
+      srow[a.column(ix)] = pad.sign;
+      if (zrow) zrow[a.column(ix)] = pad.nonzero;
+    }
+  };
+  if (y0 == 0) {
+    for (int64_t iy = 0; iy < g.pt; ++iy) start_row(iy, true);
+    for (int64_t iy = g.pt + g.h; iy < g.hp; ++iy) start_row(iy, true);
+  }
+
+  const int64_t c0 = grp * g.cg + j * kWordBits;
+  const int nch = static_cast<int>(std::min<int64_t>(kWordBits, g.cg - j * kWordBits));
+  block(p, n, c0, nch, y0, rows, tmp_sign, nonzero ? tmp_nz : nullptr);
+  bool saw_zero = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t iy = g.pt + y0 + r;
+    start_row(iy, false);
+    uint64_t* srow = sign + a.row_base(iy, jw);
+    uint64_t* zrow = nonzero ? nonzero + a.row_base(iy, jw) : nullptr;
+    const uint64_t* ts = tmp_sign + r * g.w;
+    const uint64_t* tz = tmp_nz + r * g.w;
+    // Scatter columns into their phases, walking (phase, u) instead of dividing per column.
+    int64_t phase = g.pl % a.phases;
+    int64_t u = g.pl / a.phases;
+    for (int64_t x = 0; x < g.w; ++x) {
+      const int64_t at = phase * a.row_len + u;
+      srow[at] = ts[x];
+      if (zrow) {
+        zrow[at] = tz[x];
+        saw_zero |= (valid & ~tz[x]) != 0;
+      }
+      if (++phase == a.phases) {
+        phase = 0;
+        ++u;
+      }
+    }
+  }
+  return saw_zero;
+}
+
+std::string validate(const Geometry& g) {
+  if (g.n < 1 || g.c < 1 || g.h < 1 || g.w < 1 || g.cout < 1) return "empty input or output";
+  if (g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1) return "kernel, strides, dilations >= 1";
+  if (g.pt < 0 || g.pl < 0 || g.pb < 0 || g.pr < 0) return "pads must be >= 0";
+  if (g.group < 1 || g.c % g.group || g.cout % g.group) return "group must divide in and out channels";
+  if (g.zero_sign < -1 || g.zero_sign > 1) return "zero_sign must be -1, 0 or 1";
+  if (g.pad_value < -1 || g.pad_value > 1) return "pad_value must be -1, 0 or 1";
+  if (g.ho < 1 || g.wo < 1) return "the kernel does not fit into the padded input";
+  if (g.taps * g.cg >= (int64_t(1) << 31)) return "reduction too long for int32 sums";
+  return "";
+}
+
+}  // namespace
+
+std::string run(Problem& p, Isa isa, int threads) {
+  Geometry& g = p.g;
+  derive(g);
+  const std::string bad = validate(g);
+  if (!bad.empty()) return bad;
+  p.a = make_layout(g);
+  const std::vector<Isa> ok = supported_isas();
+  if (std::find(ok.begin(), ok.end(), isa) == ok.end()) return std::string("this CPU or build cannot run ") + isa_name(isa);
+
+  PackBlockFn pack = pack_block_scalar;
+  ComputeRowFn compute = compute_row_scalar;
+#if defined(TOD_BCONV_X86)
+  if (isa == Isa::kAvx512) {
+    pack = pack_block_avx512;
+    compute = compute_row_avx512;
+  } else if (isa == Isa::kAvx2) {
+    pack = pack_block_avx2;
+    compute = compute_row_avx2;
+  }
+#endif
+
+  prepare_weights(p);
+  p.pad_is_zero = g.pad_value == 0 && (g.pt || g.pl || g.pb || g.pr);
+  const bool need_nonzero = g.zero_sign == 0 || p.pad_is_zero;
+  const int64_t total = g.n * p.a.image_words();
+  std::unique_ptr<uint64_t[]> sign(new uint64_t[total]);
+  std::unique_ptr<uint64_t[]> nonzero(need_nonzero ? new uint64_t[total] : nullptr);
+  p.sign = sign.get();
+  p.nonzero = nonzero.get();
+
+  // Starting a thread costs ~10 us, as much as ~2^20 word operations: small layers run on fewer.
+  const int64_t work = g.n * g.cout * g.ho * g.wo * g.taps * g.words + g.n * g.c * g.h * g.w / 8;
+  const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, work >> 20)));
+  std::vector<char> saw_zero(workers, 0);
+  const int64_t block_rows = rows_per_block(g);
+  const int64_t blocks = ceil_div(g.h, block_rows);
+  const int64_t span = block_rows * g.w + 32;  // + slack the SIMD packers may write
+  parallel_for(g.n * p.a.words * blocks, workers, [&](int64_t t, int64_t begin, int64_t end) {
+    std::vector<uint64_t> tmp(2 * static_cast<size_t>(span));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item % blocks;
+      const int64_t jw = (item / blocks) % p.a.words;
+      const int64_t n = item / (blocks * p.a.words);
+      const int64_t y0 = b * block_rows;
+      const int64_t rows = std::min(block_rows, g.h - y0);
+      if (pack_rows(p, pack, n, jw, y0, rows, tmp.data(), tmp.data() + span)) saw_zero[t] = 1;
+    }
+  });
+  p.zeros_in_x = g.zero_sign == 0 && std::any_of(saw_zero.begin(), saw_zero.end(), [](char z) { return z != 0; });
+
+  const int64_t otiles = g.cog_pad / 8;
+  parallel_for(g.n * g.group * otiles * g.ho, workers, [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t y = item % g.ho;
+      const int64_t ot = (item / g.ho) % otiles;
+      const int64_t grp = (item / (g.ho * otiles)) % g.group;
+      const int64_t n = item / (g.ho * otiles * g.group);
+      compute(p, n, grp, ot * 8, y);
+    }
+  });
+  p.sign = p.nonzero = nullptr;
+  return "";
+}
+
+}  // namespace bconv
+}  // namespace tod

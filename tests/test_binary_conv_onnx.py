@@ -1,0 +1,200 @@
+"""tod::BinaryConv2d through ONNX: plugin mode (onnxruntime via onnxruntime-extensions and the
+compiled kernel), decompose mode (standard ops), the fold pass, the torch custom op, file size.
+
+One model with many BinaryConv2d branches (every sign(0) and padding convention, strides,
+dilation, groups, learned thresholds and scales) is exported once per mode, so each export
+covers the whole grid.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from tod_deploy.errors import UserError
+from tod_deploy.nn.binary import BinaryConv2d
+from tod_deploy.ops import ort_binary_conv
+from tod_deploy.ops.binary_conv_onnx import export_onnx, prepare_for_export
+from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights
+from tod_deploy.ops.ort_binary_conv import inference_session
+
+C_IN = 17
+SIGNS = (-1, 0, 1)
+
+
+def _branches() -> list[BinaryConv2d]:
+    torch.manual_seed(0)
+    layers = []
+    for i, (zero_sign, pad_value) in enumerate(itertools.product(SIGNS, SIGNS)):
+        layers.append(
+            BinaryConv2d(
+                C_IN,
+                [5, 33, 65][i % 3],
+                3,
+                stride=1 + i % 2,
+                padding=1 + (i % 3 == 2),
+                dilation=1 + (i % 3 == 2),
+                bias=i % 2 == 0,
+                alpha="learned" if i % 4 == 1 else "mean_abs",
+                zero_sign=zero_sign,
+                pad_value=pad_value,
+                threshold=[0.0, 0.25, -0.5][i % 3],
+            )
+        )
+    layers.append(BinaryConv2d(C_IN, 9, 3, padding=1, threshold="learned", zero_sign=0, bias=True))
+    layers.append(BinaryConv2d(C_IN - 1, 6, 1, groups=2, zero_sign=1, pad_value=-1))  # fed 16 channels
+    # alpha = 1, no bias: the output is the integer sum itself
+    layers.append(BinaryConv2d(C_IN, 33, 3, padding=1, alpha="learned", zero_sign=0, pad_value=0))
+    with torch.no_grad():
+        layers[-1].alpha.fill_(1.0)
+        layers[-3].threshold.copy_(torch.linspace(-0.5, 0.5, C_IN))
+        for layer in layers:
+            if layer.bias is not None:
+                layer.bias.uniform_(-1, 1)
+    return layers
+
+
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(_branches())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(b(x[:, : b.in_channels]) for b in self.branches)
+
+
+@pytest.fixture(scope="module")
+def model_and_input() -> tuple[Branches, torch.Tensor]:
+    x = torch.randint(-4, 5, (2, C_IN, 9, 10)).float() * 0.25  # many values exactly on thresholds and 0
+    return Branches().eval(), x
+
+
+def _references(model: Branches, x: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    refs = []
+    for layer in model.branches:
+        threshold = None if layer.threshold is None else layer.threshold.detach().numpy()
+        bias = None if layer.bias is None else layer.bias.detach().numpy()
+        xin = x[:, : layer.in_channels].numpy()
+        refs.append(
+            binary_conv2d_ref(
+                xin, layer.weight.detach().numpy(), layer.scale().detach().numpy(), bias, layer.op_attrs(), threshold
+            )
+        )
+    return refs
+
+
+def _check_against_reference(outputs: list[np.ndarray], model: Branches, x: torch.Tensor) -> None:
+    refs = _references(model, x)
+    assert len(outputs) == len(refs)
+    for out, (_, scaled) in zip(outputs, refs, strict=True):
+        np.testing.assert_allclose(out, scaled, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(outputs[-1], refs[-1][0].astype(np.float32))  # the identity-scale branch: exact sums
+
+
+@pytest.mark.parametrize("mode", ["plugin", "decompose"])
+def test_exported_model_matches_reference_in_onnxruntime(mode: str, model_and_input) -> None:
+    model, x = model_and_input
+    proto = export_onnx(model, (x,), mode)  # type: ignore[arg-type]
+    ops = {(node.domain, node.op_type) for node in proto.graph.node}
+    if mode == "plugin":
+        assert ("tod", "BinaryConv2d") in ops and ("", "Conv") not in ops
+    else:
+        assert all(domain in ("", "ai.onnx") for domain, _ in ops) and ("", "Conv") in ops
+    session = inference_session(proto, threads=2)
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    _check_against_reference(outputs, model, x)
+    with torch.no_grad():  # and bit for bit what PyTorch computes
+        for out, want in zip(outputs, model(x), strict=True):
+            assert np.array_equal(out, want.numpy())
+
+
+def test_packed_module_runs_the_kernel_in_pytorch(model_and_input) -> None:
+    model, x = model_and_input
+    packed = prepare_for_export(model, "plugin")
+    assert not any(isinstance(m, BinaryConv2d) for m in packed.modules())
+    with torch.no_grad():
+        outputs = [t.numpy() for t in packed(x)]
+    _check_against_reference(outputs, model, x)
+
+
+def test_plugin_file_stores_weights_in_one_bit_each(tmp_path) -> None:
+    layer = BinaryConv2d(128, 128, 3, padding=1, bias=True)
+    proto = export_onnx(layer, (torch.randn(1, 128, 8, 8),), "plugin")
+    path = tmp_path / "binary.onnx"
+    onnx.save(proto, path)
+    weights = 128 * 128 * 9
+    packed = [init for init in proto.graph.initializer if init.data_type == TensorProto.UINT8]
+    assert len(packed) == 1 and np.prod(packed[0].dims) * 8 == weights
+    assert path.stat().st_size < 1.25 * weights / 8  # 18 KiB of bits + alpha, bias and the graph
+
+
+def test_fold_pass_absorbs_explicit_sign_and_scalar_threshold() -> None:
+    class Explicit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = BinaryConv2d(6, 4, 3, padding=1, zero_sign=0)
+            self.b = BinaryConv2d(6, 4, 3, padding=1, zero_sign=1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.a(torch.sign(x - 0.25)), self.b(x + 0.5)
+
+    model = Explicit().eval()
+    x = torch.randint(-4, 5, (2, 6, 5, 5)).float() * 0.25
+    folded = export_onnx(model, (x,), "plugin")
+    raw = export_onnx(model, (x,), "plugin", fold=False)
+    nodes = [(n.op_type, {a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in folded.graph.node]
+    assert [op for op, _ in nodes] == ["BinaryConv2d", "BinaryConv2d"]
+    assert sorted(attrs["threshold"] for _, attrs in nodes) == [-0.5, 0.25]
+    assert len(raw.graph.node) > 2
+    outs = [inference_session(p).run(None, {p.graph.input[0].name: x.numpy()}) for p in (folded, raw)]
+    with torch.no_grad():
+        want = [t.numpy() for t in model(x)]
+    for got in outs:
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def _hand_made_model(attrs: BinaryConvAttrs, cout: int) -> onnx.ModelProto:
+    w = np.random.default_rng(0).standard_normal((cout, attrs.group_channels, *attrs.kernel_shape)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(pack_weights(w, attrs.zero_sign), "W_packed"),
+        numpy_helper.from_array(np.ones(cout, np.float32), "alpha"),
+        numpy_helper.from_array(np.zeros(cout, np.float32), "bias"),
+    ]
+    node = helper.make_node("BinaryConv2d", ["X", "W_packed", "alpha", "bias"], ["Y"], domain="tod", **attrs.to_onnx())
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("tod", 1)])
+    model.ir_version = 10
+    return model
+
+
+def test_bad_input_in_onnxruntime_is_a_user_error_not_an_abort() -> None:
+    attrs = BinaryConvAttrs(kernel_shape=(3, 3), in_channels=8, pads=(1, 1, 1, 1))
+    session = inference_session(_hand_made_model(attrs, 4))
+    if not ort_binary_conv.array_hook_installed():
+        pytest.skip("this onnxruntime-extensions has no hook to chain: an error in a Python op aborts the process")
+    assert session.run(None, {"X": np.ones((1, 8, 4, 4), np.float32)})[0].shape == (1, 4, 4, 4)
+    with pytest.raises(UserError, match="not \\[N, 8, H, W\\]"):
+        session.run(None, {"X": np.ones((1, 7, 4, 4), np.float32)})
+
+
+def test_plugin_zero_weights_with_zero_sign_0_name_the_layer() -> None:
+    model = nn.Sequential(nn.Identity(), BinaryConv2d(4, 2, 3, zero_sign=0))
+    with torch.no_grad():
+        model[1].weight[1, 0, 0, 0] = 0.0
+    with pytest.raises(UserError, match="^1: .*output channel 1"):
+        prepare_for_export(model, "plugin")
+    prepare_for_export(model, "decompose")  # +-1/0 float weights: fine
+    with pytest.raises(UserError, match="mode"):
+        prepare_for_export(model, "fast")  # type: ignore[arg-type]
