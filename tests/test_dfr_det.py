@@ -91,6 +91,24 @@ def test_export_parity_in_both_modes(tmp_path: Path, mode: str) -> None:
         assert custom == []
 
 
+@pytest.mark.parametrize("detector", ["retinanet", "faster_rcnn"])
+def test_other_detectors_export_with_parity(tmp_path: Path, detector: str) -> None:
+    result = export_model(
+        "dfr_det", tmp_path, overrides={**SMALL, "model": {"detector": detector, "rpn_max_per_img": 200}}, log=quiet
+    )
+    report = result.verification
+    assert report.ok, report.failure()
+    assert report.teacher_forced_layers == (16 + 8 * 5 if detector == "retinanet" else 16)
+    assert next(o for o in report.outputs if o.name == "binary layers").max_abs < 1e-4
+
+
+def test_teacher_forcing_is_what_makes_parity_exact(tmp_path: Path) -> None:
+    """Without it, one rounding-level sign flip would cascade; with it every binary layer is exact."""
+    result = export_model("dfr_det", tmp_path, overrides={**SMALL, "binary_conv": "plugin"}, log=quiet)
+    layers = next(o for o in result.verification.outputs if o.name == "binary layers")
+    assert layers.total > 1_000_000 and layers.max_abs == 0.0
+
+
 def test_paper_size_figures() -> None:
     one_bit = inspect_method("dfr_det", None, {}, None, log=quiet)
     real = inspect_method("dfr_det", "real", {}, None, log=quiet)

@@ -17,7 +17,9 @@ import onnx
 import torch
 
 from tod_deploy.export.passes import expose_tensors
+from tod_deploy.export.teacher_forcing import binary_sites, forced_inputs
 from tod_deploy.methods.base import DeployModel
+from tod_deploy.nn.binary import BinaryConv2d
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.recipes import Recipe
 from tod_deploy.runtimes import OnnxRuntimeRunner, TorchRunner
@@ -69,6 +71,7 @@ class VerificationReport:
     inputs: int
     outputs: list[OutputParity] = field(default_factory=list)
     detections: DetectionAgreement | None = None
+    teacher_forced_layers: int = 0  # 1-bit layers checked one by one (see teacher_forcing.py)
 
     @property
     def ok(self) -> bool:
@@ -195,16 +198,25 @@ def verify_onnx(
     has_contract = all(name in graph_outputs for name in CONTRACT_OUTPUTS)
     raw = list(deploy.parity_names)
     names = [*CONTRACT_OUTPUTS, *raw] if has_contract else raw
-    ort_runner = OnnxRuntimeRunner(expose_tensors(model, names), threads)
+    sites = binary_sites(model) if any(isinstance(m, BinaryConv2d) for m in deploy.modules()) else []
+    site_tensors = list(dict.fromkeys(t for site in sites for t in (site.x, site.y)))
+    ort_runner = OnnxRuntimeRunner(expose_tensors(model, [*names, *site_tensors]), threads)
     torch_runner = TorchRunner(deploy, names, threads)
     batch = 2 if recipe.batch == "dynamic" else int(recipe.batch)
-    report = VerificationReport(backend="onnxruntime", inputs=len(seeds) * batch)
+    report = VerificationReport(backend="onnxruntime", inputs=len(seeds) * batch, teacher_forced_layers=len(sites))
     worst: dict[str, OutputParity] = {}
     agreement = DetectionAgreement() if has_contract else None
     for seed in seeds:
         images = verification_images(recipe, batch, seed)
-        ref, got = torch_runner.run(images), ort_runner.run(images)
-        for name in raw:
+        got = ort_runner.run(images)
+        forced: dict[str, torch.Tensor] = {}
+        with forced_inputs(deploy, sites, got, forced):
+            ref = torch_runner.run(images)
+        if sites:
+            ref = {**ref, **{name: value.numpy() for name, value in forced.items()}}
+            ref["binary layers"] = np.concatenate([ref[s.y].ravel() for s in sites])
+            got = {**got, "binary layers": np.concatenate([got[s.y].ravel() for s in sites])}
+        for name in raw + (["binary layers"] if sites else []):
             parity = compare_arrays(name, ref[name], got[name], atol, rtol)
             prev = worst.get(name)
             if prev is None:
@@ -216,6 +228,6 @@ def verify_onnx(
         if agreement is not None:
             threshold = recipe.score_threshold if deploy.final_score_threshold is None else deploy.final_score_threshold
             agree_detections(ref, got, threshold, agreement, deploy.nms_iou)
-    report.outputs = [worst[name] for name in raw]
+    report.outputs = [worst[name] for name in raw + (["binary layers"] if sites else [])]
     report.detections = agreement
     return report

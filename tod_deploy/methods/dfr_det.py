@@ -25,18 +25,32 @@ from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel
 from tod_deploy.nn.backbones.resnet import fold_batchnorm
 from tod_deploy.nn.backbones.resnet18_binary import STAGE_CHANNELS, ResNet18, binary_conv3x3, real_conv3x3
 from tod_deploy.nn.binary import BinaryConv2d
-from tod_deploy.nn.heads.fcos import FCOSHead, fcos_detections, fcos_points, real_tower_conv
+from tod_deploy.nn.detectors import (
+    RETINA_RAW,
+    TWO_STAGE_DENSE,
+    TWO_STAGE_RAW,
+    TestSettings,
+    retina_losses,
+    retina_outputs,
+    two_stage_losses,
+    two_stage_outputs,
+)
+from tod_deploy.nn.heads.fcos import FCOSHead, TowerBlock, fcos_detections, fcos_points, real_tower_conv
 from tod_deploy.nn.heads.fcos_loss import fcos_loss
+from tod_deploy.nn.heads.retina import RetinaHead, retina_anchors
+from tod_deploy.nn.heads.roi import RCNNTestConfig, StandardRoIHead
+from tod_deploy.nn.heads.rpn import AnchorConfig, ProposalConfig, RPNHead
 from tod_deploy.nn.necks.fpn import FPN
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.recipes import Recipe
 
 STRIDES = (4, 8, 16, 32, 64)
+DETECTORS = ("fcos", "retinanet", "faster_rcnn")
 
 
 @dataclass(frozen=True)
 class DFRDetConfig:
-    detector: str = "fcos"
+    detector: str = "fcos"  # fcos | retinanet | faster_rcnn
     binary: bool = True  # False: the real-valued twin, for comparisons
     num_classes: int = 8
     alpha: str = "mean_abs"  # mean_abs (ReActNet, BiDet) | learned (IDa-Det)
@@ -44,6 +58,8 @@ class DFRDetConfig:
     zero_sign: int = -1  # the paper's sign(0) = -1; torch.sign-based codebases: 0
     nms_pre: int = 1000
     nms_iou: float = 0.5
+    rpn_nms_pre: int = 1000
+    rpn_max_per_img: int = 1000
     dfr_weight: float = 1.0
     weight_rec_weight: float = 1e-4
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -56,8 +72,8 @@ class DFRDetConfig:
         if unknown:
             raise UserError(f"dfr_det recipe has unknown model keys {unknown}", f"allowed: {sorted(known)}")
         cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model.items()})
-        if cfg.detector != "fcos":
-            raise UserError(f"dfr_det detector {cfg.detector!r} is not available yet", "use --detector fcos")
+        if cfg.detector not in DETECTORS:
+            raise UserError(f"unknown detector {cfg.detector!r} for dfr_det", f"choose one of: {', '.join(DETECTORS)}")
         return cfg
 
     def binary_options(self) -> dict[str, object]:
@@ -123,9 +139,17 @@ class DFRDet(TrainingModel):
         options = cfg.binary_options()
         conv = binary_conv3x3(options) if cfg.binary else real_conv3x3
         self.backbone = ResNet18(conv, bireal=cfg.binary)
-        self.neck = FPN(list(STAGE_CHANNELS), 256, 5, extra="on_output")
+        self.neck = FPN(list(STAGE_CHANNELS), 256, 5, extra="pool" if cfg.detector == "faster_rcnn" else "on_output")
         tower = (lambda cin, cout: BinaryConv2d(cin, cout, 3, padding=1, **options)) if cfg.binary else real_tower_conv
-        self.bbox_head = FCOSHead(cfg.num_classes, STRIDES, tower, binary=cfg.binary)
+        if cfg.detector == "fcos":
+            self.bbox_head = FCOSHead(cfg.num_classes, STRIDES, tower, binary=cfg.binary)
+        elif cfg.detector == "retinanet":  # P2..P6, as the paper uses for every detector
+            anchors = AnchorConfig(STRIDES, retina_anchors().scales, (0.5, 1.0, 2.0))
+            block = (lambda: TowerBlock(256, tower, binary=True)) if cfg.binary else None
+            self.bbox_head = RetinaHead(cfg.num_classes, anchors, tower=block)
+        else:  # heads stay real-valued: only the backbone is 1-bit in this form
+            self.rpn_head = RPNHead(256, AnchorConfig())
+            self.roi_head = StandardRoIHead(cfg.num_classes)
         self.decoder = DFRDecoder(256)
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
@@ -137,14 +161,22 @@ class DFRDet(TrainingModel):
         net = copy.deepcopy(self).eval()
         del net.decoder  # training-only
         fold_batchnorm(net.backbone)
-        fold_batchnorm(net.bbox_head)
+        if hasattr(net, "bbox_head"):  # 1-bit head towers: BN into the kernels' alpha and bias
+            fold_batchnorm(net.bbox_head)
         net.requires_grad_(False)
         return DFRDetDeploy(net, recipe).eval()
 
     def training_losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         feats = self.features(images)
-        logits, distances, centerness = self.bbox_head(feats)
-        losses = fcos_loss(logits, distances, centerness, fcos_points(feats, STRIDES), targets)
+        cfg = self.cfg
+        if cfg.detector == "fcos":
+            logits, distances, centerness = self.bbox_head(feats)
+            losses = fcos_loss(logits, distances, centerness, fcos_points(feats, STRIDES), targets)
+        elif cfg.detector == "retinanet":
+            losses = retina_losses(self.bbox_head, feats, targets, cfg.num_classes)
+        else:
+            image_hw = (int(images.shape[-2]), int(images.shape[-1]))
+            losses = two_stage_losses(self.rpn_head, self.roi_head, feats, targets, image_hw, cfg.num_classes, 0.7)
         recon = self.decoder(*feats[:3])
         image = F.avg_pool2d(images / 255.0, 2)[..., : recon.shape[-2], : recon.shape[-1]]
         mask = box_mask(targets, tuple(recon.shape[-2:]), 2.0).to(images.device)
@@ -154,23 +186,40 @@ class DFRDet(TrainingModel):
         return losses
 
 
-class DFRDetDeploy(DeployModel):
-    raw_names = ("cls_logits", "bbox_distances", "centerness")
-    parity_names = raw_names
+FCOS_RAW = ("cls_logits", "bbox_distances", "centerness")
 
+
+class DFRDetDeploy(DeployModel):
     def __init__(self, net: DFRDet, recipe: Recipe) -> None:
         super().__init__()
         self.net = net
+        cfg = net.cfg
         self.top_k, self.score_threshold = recipe.top_k, recipe.score_threshold
-        self.nms_iou = net.cfg.nms_iou
-        self.final_score_threshold = 0.0
+        self.nms_iou = cfg.nms_iou
+        self.settings = TestSettings(
+            ProposalConfig(cfg.rpn_nms_pre, cfg.rpn_max_per_img, 0.7),
+            RCNNTestConfig(recipe.score_threshold, cfg.nms_iou, recipe.top_k),
+            cfg.nms_pre,
+        )
+        if cfg.detector == "fcos":
+            self.raw_names = self.parity_names = FCOS_RAW
+            self.final_score_threshold = 0.0  # FCOS cuts class probabilities, then multiplies by centerness
+        elif cfg.detector == "retinanet":
+            self.raw_names = self.parity_names = RETINA_RAW
+        else:
+            self.raw_names, self.parity_names = TWO_STAGE_RAW, TWO_STAGE_DENSE
 
     def run(self, images: Tensor) -> dict[str, Tensor]:
-        feats = self.net.features(images)
-        logits, distances, centerness = self.net.bbox_head(feats)
+        net = self.net
+        feats = net.features(images)
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
+        if net.cfg.detector == "retinanet":
+            return retina_outputs(net.bbox_head, feats, image_hw, self.settings)
+        if net.cfg.detector == "faster_rcnn":
+            return two_stage_outputs(net.rpn_head, net.roi_head, feats, image_hw, self.settings)
+        logits, distances, centerness = net.bbox_head(feats)
         dets = fcos_detections(
-            logits, distances, centerness, fcos_points(feats, STRIDES), image_hw, self.net.cfg.nms_pre,
+            logits, distances, centerness, fcos_points(feats, STRIDES), image_hw, net.cfg.nms_pre,
             self.score_threshold, self.nms_iou, self.top_k,
         )  # fmt: skip
         out = dict(zip(CONTRACT_OUTPUTS, dets, strict=True))
@@ -178,7 +227,10 @@ class DFRDetDeploy(DeployModel):
         return out
 
     def complexity_parts(self) -> dict[str, str]:
-        return {"ResNet-18": "net.backbone", "FPN": "net.neck", "FCOS head": "net.bbox_head"}
+        detector = self.net.cfg.detector
+        two_stage = {"RPN head": "net.rpn_head", "RoI head": "net.roi_head"}
+        heads = two_stage if detector == "faster_rcnn" else {f"{detector} head": "net.bbox_head"}
+        return {"ResNet-18": "net.backbone", "FPN": "net.neck", **heads}
 
 
 def check_binary_options(keys: set[str], model: nn.Module) -> None:
@@ -207,7 +259,7 @@ def build(recipe: Recipe) -> DFRDet:
 
 SPEC = MethodSpec(
     name="dfr_det",
-    summary="DFR-Det: 1-bit FCOS on a Bi-Real ResNet-18 (tod::BinaryConv2d); the DFR decoder is training-only",
+    summary="DFR-Det: 1-bit FCOS / RetinaNet / Faster R-CNN on a Bi-Real ResNet-18; the DFR decoder is training-only",
     build=build,
     map_checkpoint_key=lambda key: key,
     training_only_prefixes=("decoder.",),

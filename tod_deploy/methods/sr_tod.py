@@ -24,16 +24,23 @@ from torch import Tensor, nn
 
 from tod_deploy.errors import UserError
 from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel
-from tod_deploy.nn.anchors import decode_deltas
 from tod_deploy.nn.backbones.resnet import fold_batchnorm
 from tod_deploy.nn.backbones.resnet_mmdet import STAGE_CHANNELS, ResNet50
 from tod_deploy.nn.binary_threshold import sign_ste
-from tod_deploy.nn.heads.losses import dense_loss, roi_loss
+from tod_deploy.nn.detectors import (
+    RETINA_RAW,
+    TWO_STAGE_DENSE,
+    TWO_STAGE_RAW,
+    TestSettings,
+    retina_losses,
+    retina_outputs,
+    two_stage_losses,
+    two_stage_outputs,
+)
 from tod_deploy.nn.heads.retina import RetinaHead, retina_anchors
-from tod_deploy.nn.heads.roi import CascadeRoIHead, RCNNTestConfig, StandardRoIHead, rois_with_batch_index
-from tod_deploy.nn.heads.rpn import AnchorConfig, ProposalConfig, RPNHead, flatten_head, level_anchors, propose
+from tod_deploy.nn.heads.roi import CascadeRoIHead, RCNNTestConfig, StandardRoIHead
+from tod_deploy.nn.heads.rpn import AnchorConfig, ProposalConfig, RPNHead
 from tod_deploy.nn.necks.fpn import FPN
-from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.recipes import Recipe
 
 DETECTORS = ("faster_rcnn", "cascade_rcnn", "retinanet")
@@ -162,53 +169,10 @@ class SRTOD(TrainingModel):
         losses = {"loss_rec": F.mse_loss(out["recon"], out["original"])} if self.cfg.enhance else {}
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
         if self.cfg.detector == "retinanet":
-            cls, reg = self.bbox_head(feats)
-            anchors = torch.cat(level_anchors(feats, self.bbox_head.anchors))
-            logits = torch.cat([flatten_head(c, self.cfg.num_classes) for c in cls], 1)
-            deltas = torch.cat([flatten_head(r, 4) for r in reg], 1)
-            parts = [dense_loss(logits[i], deltas[i], anchors, t["boxes"], t["labels"], 0.5, 0.4, 0.0)
-                     for i, t in enumerate(targets)]  # fmt: skip
-            losses["loss_cls"] = torch.stack([p[0] for p in parts]).mean()
-            losses["loss_bbox"] = torch.stack([p[1] for p in parts]).mean()
-            return losses
-        obj, deltas = self.rpn_head.flat(feats)
-        per_level = level_anchors(feats, self.rpn_head.anchors)
-        anchors = torch.cat(per_level)
-        parts = [
-            dense_loss(obj[i, :, None], deltas[i], anchors, t["boxes"], None, 0.7, 0.3, 0.3)
-            for i, t in enumerate(targets)
-        ]
-        losses["loss_rpn_cls"] = torch.stack([p[0] for p in parts]).mean()
-        losses["loss_rpn_bbox"] = torch.stack([p[1] for p in parts]).mean()
-        with torch.no_grad():
-            proposals, _, _ = propose(obj, deltas, per_level, image_hw, ProposalConfig(2000, 512, self.cfg.rpn_iou))
-        losses.update(self._roi_losses(feats, proposals, targets, image_hw))
-        return losses
-
-    def _roi_losses(
-        self, feats: list[Tensor], proposals: Tensor, targets: list[dict[str, Tensor]], image_hw: tuple[int, int]
-    ) -> dict[str, Tensor]:
-        """Box-head losses per image (ground truths appended to the proposals, as mmdet does)."""
-        cascade = isinstance(self.roi_head, CascadeRoIHead)
-        heads = list(self.roi_head.bbox_head) if cascade else [self.roi_head.bbox_head]
-        thresholds = (0.5, 0.6, 0.7)
-        per_stage: list[list[tuple[Tensor, Tensor]]] = [[] for _ in heads]
-        for i, target in enumerate(targets):
-            image_feats = [f[i : i + 1] for f in feats[:4]]
-            rois = torch.cat([proposals[i], target["boxes"]])[None]
-            for stage, head in enumerate(heads):
-                logits, deltas = head(self.roi_head.extractor(image_feats, rois_with_batch_index(rois)))
-                per_stage[stage].append(
-                    roi_loss(logits, deltas, rois[0], target["boxes"], target["labels"], self.cfg.num_classes,
-                             head.stds, thresholds[stage], head.class_agnostic)
-                )  # fmt: skip
-                if stage < len(heads) - 1:
-                    rois = decode_deltas(rois, deltas[None, :, :4], head.stds, image_hw).detach()
-        losses: dict[str, Tensor] = {}
-        for stage, parts in enumerate(per_stage):
-            losses[f"s{stage}.loss_cls"] = torch.stack([q[0] for q in parts]).mean()
-            losses[f"s{stage}.loss_bbox"] = torch.stack([q[1] for q in parts]).mean()
-        return losses
+            return losses | retina_losses(self.bbox_head, feats, targets, self.cfg.num_classes)
+        return losses | two_stage_losses(
+            self.rpn_head, self.roi_head, feats, targets, image_hw, self.cfg.num_classes, self.cfg.rpn_iou
+        )
 
 
 class SRTODDeploy(DeployModel):
@@ -218,41 +182,28 @@ class SRTODDeploy(DeployModel):
         super().__init__()
         self.net = net
         cfg = net.cfg
-        self.rcnn = RCNNTestConfig(recipe.score_threshold, cfg.nms_iou, recipe.top_k)
-        self.proposal = ProposalConfig(cfg.rpn_nms_pre, cfg.rpn_max_per_img, cfg.rpn_iou)
+        self.settings = TestSettings(
+            ProposalConfig(cfg.rpn_nms_pre, cfg.rpn_max_per_img, cfg.rpn_iou),
+            RCNNTestConfig(recipe.score_threshold, cfg.nms_iou, recipe.top_k),
+            cfg.retina_nms_pre,
+        )
         self.extra_names = ("diff_map", "binary_mask") if cfg.enhance else ()
         self.nms_iou = cfg.nms_iou
-        if cfg.detector == "retinanet":
-            self.raw_names = ("cls_logits", "bbox_deltas")
-        else:
-            self.raw_names = ("proposals", "roi_cls_logits", "roi_bbox_deltas")
-        dense = self.raw_names if cfg.detector == "retinanet" else ("rpn_cls_logits", "rpn_bbox_deltas")
-        self.parity_names = (*dense, *self.extra_names)
+        retina = cfg.detector == "retinanet"
+        self.raw_names = RETINA_RAW if retina else TWO_STAGE_RAW
+        self.parity_names = (*(RETINA_RAW if retina else TWO_STAGE_DENSE), *self.extra_names)
 
     def run(self, images: Tensor) -> dict[str, Tensor]:
-        net, cfg = self.net, self.net.cfg
+        net = self.net
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
         enhanced = net.enhanced_features(images)
         feats = enhanced["feats"]
-        out: dict[str, Tensor] = {}
-        if cfg.enhance:
-            out.update(diff_map=enhanced["diff"], binary_mask=enhanced["mask"])
-        if cfg.detector == "retinanet":
-            dets, (logits, deltas) = net.bbox_head.predict(
-                feats, image_hw, cfg.retina_nms_pre, self.rcnn.score_threshold, cfg.nms_iou, self.rcnn.max_per_img
-            )
-            out.update(cls_logits=logits, bbox_deltas=deltas)
+        if net.cfg.detector == "retinanet":
+            out = retina_outputs(net.bbox_head, feats, image_hw, self.settings)
         else:
-            obj, reg = net.rpn_head.flat(feats)
-            proposals, _, valid = propose(obj, reg, level_anchors(feats, net.rpn_head.anchors), image_hw, self.proposal)
-            dets, (logits, deltas) = net.roi_head.predict(feats[:4], proposals, valid, image_hw, self.rcnn)
-            n, p = proposals.shape[:2]
-            out.update(
-                rpn_cls_logits=obj,
-                rpn_bbox_deltas=reg,
-                proposals=proposals, roi_cls_logits=logits.view(n, p, -1), roi_bbox_deltas=deltas.view(n, p, -1),
-            )  # fmt: skip
-        out.update(zip(CONTRACT_OUTPUTS, dets, strict=True))
+            out = two_stage_outputs(net.rpn_head, net.roi_head, feats, image_hw, self.settings)
+        if net.cfg.enhance:
+            out.update(diff_map=enhanced["diff"], binary_mask=enhanced["mask"])
         return out
 
     def complexity_parts(self) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +21,24 @@ def retina_anchors(octave_base_scale: float = 4.0, scales_per_octave: int = 3) -
 
 
 class RetinaHead(nn.Module):
-    def __init__(self, num_classes: int, anchors: AnchorConfig, in_channels: int = 256, stacked: int = 4) -> None:
+    """``tower`` builds one tower block that carries its own activation (e.g. a 1-bit block);
+    by default mmdet's ConvModule + ReLU."""
+
+    def __init__(
+        self, num_classes: int, anchors: AnchorConfig, in_channels: int = 256, stacked: int = 4,
+        tower: Callable[[], nn.Module] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.num_classes, self.anchors = num_classes, anchors
         a = anchors.per_location
-        self.cls_convs = nn.ModuleList(ConvModule(in_channels, in_channels, 3, padding=1) for _ in range(stacked))
-        self.reg_convs = nn.ModuleList(ConvModule(in_channels, in_channels, 3, padding=1) for _ in range(stacked))
+        self.activate = tower is None
+        make = tower or (lambda: ConvModule(in_channels, in_channels, 3, padding=1))
+        self.cls_convs = nn.ModuleList(make() for _ in range(stacked))
+        self.reg_convs = nn.ModuleList(make() for _ in range(stacked))
         self.retina_cls = nn.Conv2d(in_channels, a * num_classes, 3, padding=1)
         self.retina_reg = nn.Conv2d(in_channels, a * 4, 3, padding=1)
-        for conv in (*[c.conv for c in self.cls_convs], *[c.conv for c in self.reg_convs], self.retina_reg):
+        towers = [c.conv for c in (*self.cls_convs, *self.reg_convs) if isinstance(c, ConvModule)]
+        for conv in (*towers, self.retina_reg):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
         nn.init.normal_(self.retina_cls.weight, std=0.01)
@@ -39,9 +49,9 @@ class RetinaHead(nn.Module):
         for f in feats:
             c, r = f, f
             for conv in self.cls_convs:
-                c = F.relu(conv(c))
+                c = F.relu(conv(c)) if self.activate else conv(c)
             for conv in self.reg_convs:
-                r = F.relu(conv(r))
+                r = F.relu(conv(r)) if self.activate else conv(r)
             cls.append(self.retina_cls(c))
             reg.append(self.retina_reg(r))
         return cls, reg
