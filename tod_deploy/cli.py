@@ -35,6 +35,9 @@ InputSizeOpt = Annotated[str | None, typer.Option(help="HEIGHTxWIDTH of the inpu
 ScaleOpt = Annotated[int | None, typer.Option(help="ThumbDet down-sampling: 4 (default), 2, or 1 (no thumbnail).")]
 VariantOpt = Annotated[str | None, typer.Option(help="Named recipe variant (see `tod-deploy methods`).")]
 PresetOpt = Annotated[str | None, typer.Option(help="SR-TOD data-set preset: aitod, visdrone, droneswarms.")]
+BackboneOpt = Annotated[
+    str | None, typer.Option(help="Backbone (bottom-heavy method): bh_resnet50, bh_hrnet32, bh_hrnet18, resnet50, ...")
+]
 DetectorOpt = Annotated[
     str | None, typer.Option(help="Detector: faster_rcnn, cascade_rcnn, retinanet (SR-TOD); fcos (DFR-Det).")
 ]
@@ -53,8 +56,9 @@ def variant_of(scale: int | None, variant: str | None, preset: str | None = None
     return given[0] if given else None
 
 
-def model_overrides(detector: str | None) -> dict[str, Any]:
-    return {"model": {"detector": detector}} if detector else {}
+def model_overrides(detector: str | None, backbone: str | None = None) -> dict[str, Any]:
+    model = {key: value for key, value in (("detector", detector), ("backbone", backbone)) if value}
+    return {"model": model} if model else {}
 
 
 def write_json(path: Path | None, data: Any) -> None:
@@ -123,6 +127,7 @@ def export_cmd(
     scale: ScaleOpt = None,
     preset: PresetOpt = None,
     detector: DetectorOpt = None,
+    backbone: BackboneOpt = None,
     variant: VariantOpt = None,
     batch: Annotated[str | None, typer.Option(help="Batch size baked in (e.g. 1), or 'dynamic'.")] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default from the recipe).")] = None,
@@ -143,7 +148,7 @@ def export_cmd(
     """PyTorch -> inference graph -> ONNX, verified against PyTorch, written with a JSON sidecar."""
     from tod_deploy.export.pipeline import export_model
 
-    overrides: dict[str, Any] = model_overrides(detector)
+    overrides: dict[str, Any] = model_overrides(detector, backbone)
     if input_size is not None:
         overrides["input_size"] = input_size
     if batch is not None:
@@ -220,6 +225,7 @@ def inspect_cmd(
     scale: ScaleOpt = None,
     preset: PresetOpt = None,
     detector: DetectorOpt = None,
+    backbone: BackboneOpt = None,
     variant: VariantOpt = None,
     checkpoint: CheckpointOpt = None,
     json_path: JsonOpt = None,
@@ -227,7 +233,7 @@ def inspect_cmd(
     """Parameters and multiply-adds (the papers' "GFLOPs") of the deploy model, vs the paper."""
     from tod_deploy.inspection import inspect_method, inspect_table
 
-    overrides = model_overrides(detector) | ({"input_size": input_size} if input_size else {})
+    overrides = model_overrides(detector, backbone) | ({"input_size": input_size} if input_size else {})
     result = inspect_method(method, variant_of(scale, variant, preset), overrides, checkpoint, log=log)
     out.print(inspect_table(result))
     write_json(json_path, result)
