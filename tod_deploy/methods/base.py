@@ -9,11 +9,12 @@ and what a ``--raw`` export keeps.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
+from tod_deploy.errors import UserError
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.recipes import Recipe
 
@@ -95,3 +96,15 @@ class MethodSpec:
     # Optional Callable[[set[str], nn.Module], None]: raise UserError when a checkpoint's keys show
     # it was trained with other layer options than the recipe's (before any tensor is loaded).
     check_checkpoint_keys: Any = None
+
+
+Config = TypeVar("Config")
+
+
+def model_config(cls: type[Config], recipe: Recipe) -> Config:
+    """A method's config dataclass from the recipe's ``model`` section; unknown keys are refused."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(recipe.model) - known)
+    if unknown:
+        raise UserError(f"{recipe.method} recipe has unknown model keys {unknown}", f"allowed: {sorted(known)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model.items()})

@@ -14,14 +14,14 @@ nearest public codebases and are recorded with the export so it is exact for eac
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tod_deploy.errors import UserError
-from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel
+from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel, model_config
 from tod_deploy.nn.backbones.resnet import fold_batchnorm
 from tod_deploy.nn.backbones.resnet18_binary import STAGE_CHANNELS, ResNet18, binary_conv3x3, real_conv3x3
 from tod_deploy.nn.binary import BinaryConv2d
@@ -67,11 +67,7 @@ class DFRDetConfig:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> DFRDetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(recipe.model) - known)
-        if unknown:
-            raise UserError(f"dfr_det recipe has unknown model keys {unknown}", f"allowed: {sorted(known)}")
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model.items()})
+        cfg = model_config(cls, recipe)
         if cfg.detector not in DETECTORS:
             raise UserError(f"unknown detector {cfg.detector!r} for dfr_det", f"choose one of: {', '.join(DETECTORS)}")
         return cfg

@@ -16,14 +16,14 @@ top-level scalar ``learnable_thresh``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tod_deploy.errors import UserError
-from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel
+from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel, model_config
 from tod_deploy.nn.backbones.resnet import fold_batchnorm
 from tod_deploy.nn.backbones.resnet_mmdet import STAGE_CHANNELS, ResNet50
 from tod_deploy.nn.binary_threshold import sign_ste
@@ -63,11 +63,7 @@ class SRTODConfig:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> SRTODConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(recipe.model) - known)
-        if unknown:
-            raise UserError(f"sr_tod recipe has unknown model keys {unknown}", f"allowed: {sorted(known)}")
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model.items()})
+        cfg = model_config(cls, recipe)
         if cfg.detector not in DETECTORS:
             raise UserError(f"unknown detector {cfg.detector!r} for sr_tod", f"choose one of: {', '.join(DETECTORS)}")
         return cfg

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tod_deploy.errors import UserError
-from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel
+from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel, model_config
 from tod_deploy.nn.backbones.resnet import RESNET50_CHANNELS, fold_batchnorm, resnet50_body
 from tod_deploy.nn.deformable_detr import DeformableDETR, DeformableDETRConfig
 from tod_deploy.nn.detr_criterion import SetCriterion
@@ -43,12 +43,7 @@ class ThumbDetConfig(DeformableDETRConfig):
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> ThumbDetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(recipe.model) - known)
-        if unknown:
-            raise UserError(f"thumbdet recipe has unknown model keys {unknown}", f"allowed: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model.items()}
-        cfg = cls(**values)
+        cfg = model_config(cls, recipe)
         if cfg.scale not in (1, 2, 4):
             raise UserError(f"thumbdet scale must be 4, 2 or 1, got {cfg.scale}", "use --scale 4 or --scale 2")
         return cfg
