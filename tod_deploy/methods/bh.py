@@ -15,32 +15,25 @@ import torch
 from torch import Tensor, nn
 
 from tod_deploy.errors import UserError
-from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel, model_config
+from tod_deploy.methods.base import MethodSpec, TrainingModel, model_config
+from tod_deploy.methods.fpn_detector import FPNDetectorDeploy
 from tod_deploy.nn.backbones.bottom_heavy import TABLE4, build_backbone
 from tod_deploy.nn.backbones.resnet import fold_batchnorm
 from tod_deploy.nn.detectors import (
-    RETINA_RAW,
-    TWO_STAGE_DENSE,
-    TWO_STAGE_RAW,
-    TestSettings,
     retina_losses,
-    retina_outputs,
     two_stage_losses,
-    two_stage_outputs,
 )
-from tod_deploy.nn.heads.fcos import FCOSHead, fcos_detections, fcos_points
+from tod_deploy.nn.heads.fcos import FCOSHead, fcos_points
 from tod_deploy.nn.heads.fcos_loss import fcos_loss
 from tod_deploy.nn.heads.retina import RetinaHead, retina_anchors
-from tod_deploy.nn.heads.roi import RCNNTestConfig, StandardRoIHead
-from tod_deploy.nn.heads.rpn import AnchorConfig, ProposalConfig, RPNHead
+from tod_deploy.nn.heads.roi import StandardRoIHead
+from tod_deploy.nn.heads.rpn import AnchorConfig, RPNHead
 from tod_deploy.nn.necks.fpn import FPN
-from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.recipes import Recipe
 
 DETECTORS = ("faster_rcnn", "retinanet", "fcos")
 BACKBONES = tuple(TABLE4)
 FCOS_STRIDES = (8, 16, 32, 64, 128)  # mmdet FCOS: P3..P7, extra convs on the FPN output
-FCOS_RAW = ("cls_logits", "bbox_distances", "centerness")
 
 
 @dataclass(frozen=True)
@@ -118,50 +111,9 @@ class BH(TrainingModel):
         return two_stage_losses(self.rpn_head, self.roi_head, feats, targets, image_hw, cfg.num_classes, cfg.rpn_iou)
 
 
-class BHDeploy(DeployModel):
-    """The detector at inference: backbone BN folded, contract + raw + parity tensors."""
-
+class BHDeploy(FPNDetectorDeploy):
     def __init__(self, net: BH, recipe: Recipe) -> None:
-        super().__init__()
-        self.net = net
-        cfg = net.cfg
-        self.top_k, self.score_threshold = recipe.top_k, recipe.score_threshold
-        self.nms_iou = cfg.nms_iou
-        self.settings = TestSettings(
-            ProposalConfig(cfg.rpn_nms_pre, cfg.rpn_max_per_img, cfg.rpn_iou),
-            RCNNTestConfig(recipe.score_threshold, cfg.nms_iou, recipe.top_k),
-            cfg.nms_pre,
-        )
-        if cfg.detector == "fcos":
-            self.raw_names = self.parity_names = FCOS_RAW
-            self.final_score_threshold = 0.0  # FCOS cuts class probabilities, then multiplies by centerness
-        elif cfg.detector == "retinanet":
-            self.raw_names = self.parity_names = RETINA_RAW
-        else:
-            self.raw_names, self.parity_names = TWO_STAGE_RAW, TWO_STAGE_DENSE
-
-    def run(self, images: Tensor) -> dict[str, Tensor]:
-        net = self.net
-        feats = net.features(images)
-        image_hw = (int(images.shape[-2]), int(images.shape[-1]))
-        if net.cfg.detector == "retinanet":
-            return retina_outputs(net.bbox_head, feats, image_hw, self.settings)
-        if net.cfg.detector == "faster_rcnn":
-            return two_stage_outputs(net.rpn_head, net.roi_head, feats, image_hw, self.settings)
-        logits, distances, centerness = net.bbox_head(feats)
-        dets = fcos_detections(
-            logits, distances, centerness, fcos_points(feats, FCOS_STRIDES), image_hw, net.cfg.nms_pre,
-            self.score_threshold, self.nms_iou, self.top_k,
-        )  # fmt: skip
-        out = dict(zip(CONTRACT_OUTPUTS, dets, strict=True))
-        out.update(cls_logits=logits, bbox_distances=distances, centerness=centerness)
-        return out
-
-    def complexity_parts(self) -> dict[str, str]:
-        detector = self.net.cfg.detector
-        two_stage = {"RPN head": "net.rpn_head", "RoI head": "net.roi_head"}
-        heads = two_stage if detector == "faster_rcnn" else {f"{detector} head": "net.bbox_head"}
-        return {"backbone": "net.backbone", "FPN": "net.neck", **heads}
+        super().__init__(net, recipe, FCOS_STRIDES, net.cfg.rpn_iou, "backbone")
 
 
 def build(recipe: Recipe) -> BH:
