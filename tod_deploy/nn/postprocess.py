@@ -19,12 +19,7 @@ def pad_past_threshold(
     boxes: Tensor, scores: Tensor, labels: Tensor, score_threshold: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Zero every row whose score is not above the threshold; scores must be sorted descending."""
-    keep = scores > score_threshold
-    num_dets = keep.sum(dim=1).to(torch.int32)
-    boxes = torch.where(keep[..., None], boxes, torch.zeros_like(boxes))
-    scores = torch.where(keep, scores, torch.zeros_like(scores))
-    labels = torch.where(keep, labels, torch.zeros_like(labels)).to(torch.int32)
-    return num_dets, boxes, scores, labels
+    return pad_invalid(boxes, scores, labels, scores > score_threshold)
 
 
 def detr_topk(

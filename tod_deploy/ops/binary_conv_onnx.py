@@ -50,8 +50,8 @@ from torch import nn
 from tod_deploy.errors import UserError
 from tod_deploy.export.passes import IR_VERSION
 from tod_deploy.nn.binary import BinaryConv2d
-from tod_deploy.ops.binary_conv_ref import DOMAIN, LIST_ATTRS, OP_TYPE, VERSION, BinaryConvAttrs
-from tod_deploy.ops.binary_conv_torch import decomposed_from, packed_from
+from tod_deploy.ops.binary_conv_ref import DOMAIN, LIST_ATTRS, OP_TYPE, VERSION
+from tod_deploy.ops.binary_conv_torch import attrs_from_args, decomposed_from, packed_from
 
 Mode = Literal["plugin", "decompose"]
 MODES: tuple[str, ...] = ("plugin", "decompose")
@@ -103,17 +103,10 @@ def _translate_plugin(
     zero_sign: int,
     pad_value: int,
 ) -> Any:
-    attrs = BinaryConvAttrs(
-        kernel_shape=tuple(kernel_shape),  # type: ignore[arg-type]
-        in_channels=in_channels,
-        strides=tuple(strides),  # type: ignore[arg-type]
-        pads=tuple(pads),  # type: ignore[arg-type]
-        dilations=tuple(dilations),  # type: ignore[arg-type]
-        group=group,
-        threshold=threshold,
-        zero_sign=zero_sign,
-        pad_value=pad_value,
-    )
+    attrs = attrs_from_args(
+        list(kernel_shape), list(strides), list(pads), list(dilations), group, in_channels, threshold, zero_sign,
+        pad_value,
+    )  # fmt: skip
     return _TOD.BinaryConv2d(x, w_packed, alpha, bias, **attrs.to_onnx())
 
 

@@ -21,7 +21,7 @@ from tod_deploy.ops import binary_conv_cpu
 from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, pack_weights
 
 
-def _attrs(
+def attrs_from_args(
     kernel_shape: list[int],
     strides: list[int],
     pads: list[int],
@@ -32,6 +32,7 @@ def _attrs(
     zero_sign: int,
     pad_value: int,
 ) -> BinaryConvAttrs:
+    """The op's attributes from the flat argument lists torch.library and onnxscript pass around."""
     return BinaryConvAttrs(
         kernel_shape=tuple(kernel_shape),  # type: ignore[arg-type]
         in_channels=in_channels,
@@ -62,7 +63,7 @@ def binary_conv2d_op(
     pad_value: int,
 ) -> Tensor:
     """``tod::BinaryConv2d`` on CPU tensors through the compiled kernel (inference only, no autograd)."""
-    attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
+    attrs = attrs_from_args(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
     out = binary_conv_cpu.binary_conv2d(
         x.detach().cpu().numpy(),
         w_packed.cpu().numpy(),
@@ -89,7 +90,7 @@ def _(
     zero_sign: int,
     pad_value: int,
 ) -> Tensor:
-    attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
+    attrs = attrs_from_args(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
     ho, wo = attrs.output_size(int(x.shape[2]), int(x.shape[3]))
     return x.new_empty((x.shape[0], w_packed.shape[0], ho, wo))
 
