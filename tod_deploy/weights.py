@@ -28,9 +28,15 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     training_only_ignored: list[str] = field(default_factory=list)
+    training_only_loaded: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"loaded {self.loaded} tensors"]
+        if self.training_only_loaded:
+            out.append(
+                f"{len(self.training_only_loaded)} of them are training-only and left out of the deploy graph: "
+                f"{_sample(self.training_only_loaded)}"
+            )
         if self.training_only_ignored:
             out.append(
                 f"ignored {len(self.training_only_ignored)} training-only keys: {_sample(self.training_only_ignored)}"
@@ -141,4 +147,5 @@ def load_checkpoint(model: nn.Module, path: Path, spec: MethodSpec) -> LoadRepor
         missing=[k for k in missing if k.startswith(training_only)],
         unexpected=[upstream_name[k] for k in unexpected if not k.startswith(training_only)],
         training_only_ignored=[upstream_name[k] for k in unexpected if k.startswith(training_only)],
+        training_only_loaded=[upstream_name[k] for k in usable if k.startswith(training_only)],
     )

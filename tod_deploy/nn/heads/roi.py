@@ -53,7 +53,8 @@ class RoIExtractor(nn.Module):
             pooled = roi_align(
                 feats[level], boxes, self.output_size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True
             )
-            pooled = torch.where(on_level[:, None, None, None], pooled, torch.zeros_like(pooled))
+            # a scalar, not zeros_like: constant folding would store a [P, C, 7, 7] zero tensor in the file
+            pooled = torch.where(on_level[:, None, None, None], pooled, 0.0)
             out = pooled if out is None else out + pooled
         return out
 

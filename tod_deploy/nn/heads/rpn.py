@@ -73,19 +73,22 @@ class RPNHead(nn.Module):
 
 
 def propose(
-    objectness: Tensor, deltas: Tensor, anchors: list[Tensor], image_hw: tuple[int, int], cfg: ProposalConfig
-) -> tuple[Tensor, Tensor, Tensor]:
+    objectness: Tensor, deltas: Tensor, anchors: list[Tensor], image_hw: tuple[int, int], cfg: ProposalConfig,
+    stds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0),
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Per level: top ``nms_pre`` by objectness, decode, clip; then NMS per level and keep
     ``max_per_img``. Takes the concatenated head outputs (so they are tensors of the graph that
-    parity can check) and returns boxes [N, P, 4], scores [N, P] and validity [N, P]."""
-    sizes = [a.shape[0] for a in anchors]
+    parity can check) and returns boxes [N, P, 4], scores [N, P] and validity [N, P]. Anchors are
+    per level [A, 4], or [N, A, 4] when a previous stage refined them per image."""
+    sizes = [a.shape[-2] for a in anchors]
     boxes, scores, levels = [], [], []
     for level, (o, d, a) in enumerate(zip(objectness.split(sizes, 1), deltas.split(sizes, 1), anchors, strict=True)):
         s = o.sigmoid()
         k = min(cfg.nms_pre, s.shape[1])
         top, idx = s.topk(k, dim=1)
-        deltas = torch.gather(d, 1, idx[..., None].expand(-1, -1, 4))
-        boxes.append(decode_deltas(a[idx], deltas, (1.0, 1.0, 1.0, 1.0), image_hw))
+        gather4 = idx[..., None].expand(-1, -1, 4)
+        picked = a[idx] if a.dim() == 2 else torch.gather(a, 1, gather4)
+        boxes.append(decode_deltas(picked, torch.gather(d, 1, gather4), stds, image_hw))
         scores.append(top)
         levels.append(torch.full_like(idx, level))
     boxes_t, scores_t, levels_t = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(levels, 1)
