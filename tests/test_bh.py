@@ -141,3 +141,20 @@ def test_training_step(detector: str) -> None:
     grad = model.backbone.stage2[0].branches[0][0].conv1.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     optimizer.step()
+
+
+def test_inspect_backbone_only_matches_table4() -> None:
+    """``inspect --backbone-only``: the backbone's own figures beside Table 4's, from the full detector."""
+    from tod_deploy.inspection import inspect_method
+
+    result = inspect_method(
+        "bh", None, {"input_size": "640x512", "model": {"backbone": "bh_resnet50"}}, None, backbone_only=True
+    )
+    params, gmacs, _ = backbone_figures("bh_resnet50", 640, 512)
+    assert list(result["parts"]) == ["bh_resnet50"]
+    # the deploy model has BN folded into conv biases: C instead of 2C parameters per BN layer
+    assert result["parameters"] / 1e6 == pytest.approx(params, rel=0.005) and result["parameters"] / 1e6 < params
+    assert result["gmacs"] == pytest.approx(gmacs, rel=1e-6)
+    assert (result["paper"]["params_m"], result["paper"]["gmacs"]) == TABLE4["bh_resnet50"]
+    other = inspect_method("bh", None, {"input_size": "512x512"}, None, backbone_only=True)
+    assert other["paper"] == {}  # Table 4 is at 640x512 only

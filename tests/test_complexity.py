@@ -51,3 +51,21 @@ def test_thumbnail_saves_the_papers_ratio() -> None:
     small = inspect_method("thumbdet", "4x", {}, None, log=lambda _l: None)["gmacs"]
     full = inspect_method("thumbdet", "1x", {}, None, log=lambda _l: None)["gmacs"]
     assert 11.5 < full / small < 14.5  # paper: 12.94x
+
+
+def test_deform_conv_counts_its_conv_and_its_sampling() -> None:
+    """torchvision's deform_conv2d is invisible to the stock counter; CFINet's RPN runs one per level."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torchvision.ops import DeformConv2d
+
+    from tod_deploy.complexity import CUSTOM_FORMULAS
+
+    conv = DeformConv2d(8, 16, 3, padding=1, bias=False)
+    x, offsets = torch.rand(2, 8, 10, 12), torch.rand(2, 18, 10, 12)
+    plain = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    with FlopCounterMode(display=False) as reference:
+        plain(x)
+    with FlopCounterMode(display=False, custom_mapping=CUSTOM_FORMULAS) as counted:
+        conv(x, offsets)
+    sampling = 2 * 4 * (2 * 10 * 12) * 8 * 9  # 4 bilinear taps per sampled input value
+    assert counted.get_total_flops() == reference.get_total_flops() + sampling

@@ -1,8 +1,10 @@
 """Parameters and multiply-adds of a deploy model at a given input size (``inspect``).
 
 Counting is torch's own ``FlopCounterMode`` (convolutions, linear layers, matmuls, attention),
-with one formula added for ``grid_sampler_2d`` - the core of deformable attention, which the
-stock counter ignores: 4 multiply-adds per sampled value (bilinear). Multiply-adds are FLOPs / 2,
+with formulas added for what the stock counter ignores: ``grid_sampler_2d`` (the core of
+deformable attention), 4 multiply-adds per sampled value (bilinear), and torchvision's
+``deform_conv2d`` (CFINet's RPN), its convolution plus the bilinear sampling of every tap's
+input. Multiply-adds are FLOPs / 2,
 the unit the papers call "GFLOPs". Element-wise ops are not counted, as fvcore does not count
 them either, so the figures compare with the papers'.
 """
@@ -14,6 +16,7 @@ from math import prod
 from typing import Any
 
 import torch
+import torchvision  # noqa: F401 - registers torch.ops.torchvision.deform_conv2d
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,7 +28,17 @@ def _grid_sample_flops(input_shape: Any, grid_shape: Any, *args: Any, out_shape:
     return 2 * 4 * prod(out_shape)  # 4 bilinear taps, each one multiply-add
 
 
-CUSTOM_FORMULAS = {torch.ops.aten.grid_sampler_2d: _grid_sample_flops}
+def _deform_conv_flops(input_shape: Any, weight_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    _, cin_per_group, kh, kw = weight_shape
+    outputs = prod(out_shape)  # N * Cout * OH * OW
+    sampled = out_shape[0] * out_shape[2] * out_shape[3] * input_shape[1] * kh * kw
+    return 2 * (outputs * cin_per_group * kh * kw + 4 * sampled)
+
+
+CUSTOM_FORMULAS = {
+    torch.ops.aten.grid_sampler_2d: _grid_sample_flops,
+    torch.ops.torchvision.deform_conv2d: _deform_conv_flops,
+}
 
 
 class _Run(nn.Module):

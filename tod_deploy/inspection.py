@@ -9,7 +9,10 @@ from typing import Any
 from rich.table import Table
 
 from tod_deploy.complexity import count_complexity
+from tod_deploy.errors import UserError
+from tod_deploy.methods.base import DeployModel
 from tod_deploy.models import build_deploy_model, resolve_recipe
+from tod_deploy.recipes import Recipe
 
 
 def inspect_method(
@@ -18,13 +21,36 @@ def inspect_method(
     overrides: dict[str, Any],
     checkpoint: Path | None,
     log: Callable[[str], None] = print,
+    backbone_only: bool = False,
 ) -> dict[str, Any]:
     recipe = resolve_recipe(method, variant, overrides)
     deploy, _ = build_deploy_model(recipe, checkpoint, log=lambda _line: None)
+    if backbone_only:
+        return _backbone_only(deploy, recipe, method)
     parts = {label: path for label, path in deploy.complexity_parts().items()}
     result = count_complexity(deploy, recipe.input_size, parts).to_dict()
     result.update(method=method, variant=recipe.variant, description=recipe.description, paper=recipe.paper)
     return result
+
+
+def _backbone_only(deploy: DeployModel, recipe: Recipe, method: str) -> dict[str, Any]:
+    """The backbone's own parameters and multiply-adds (as backbone papers tabulate them)."""
+    if deploy.backbone_path is None:
+        raise UserError(f"{method} has no separate backbone to count", "drop --backbone-only")
+    label = next((k for k, v in deploy.complexity_parts().items() if v == deploy.backbone_path), "backbone")
+    counted = count_complexity(deploy, recipe.input_size, {label: deploy.backbone_path})
+    part = counted.parts[label]
+    return {
+        "input_size": list(recipe.input_size),
+        "parameters": part["parameters"],
+        "macs": part["macs"],
+        "gmacs": part["macs"] / 1e9,
+        "parts": {label: part},
+        "method": method,
+        "variant": recipe.variant,
+        "description": f"{recipe.description}: backbone only",
+        "paper": deploy.backbone_paper(recipe.input_size),
+    }
 
 
 def _deviation(ours: float, theirs: float | None) -> str:

@@ -36,6 +36,8 @@ class DeployModel(nn.Module, ABC):
     # The threshold final scores are cut at, if not the recipe's (FCOS cuts class probabilities
     # before multiplying by centerness, so its final scores have no cut): parity skips boxes near it.
     final_score_threshold: float | None = None
+    # Submodule path of the backbone alone, for ``inspect --backbone-only`` (None: no separate backbone).
+    backbone_path: str | None = None
 
     @abstractmethod
     def run(self, images: Tensor) -> dict[str, Tensor]:
@@ -51,6 +53,10 @@ class DeployModel(nn.Module, ABC):
 
     def complexity_parts(self) -> dict[str, str]:
         """Display name -> submodule path, for the per-part breakdown of ``inspect``."""
+        return {}
+
+    def backbone_paper(self, input_size: tuple[int, int]) -> dict[str, Any]:
+        """The paper's figures for the backbone alone at this input size, where it gives them."""
         return {}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +114,15 @@ class BH(TrainingModel):
 
 class BHDeploy(FPNDetectorDeploy):
     def __init__(self, net: BH, recipe: Recipe) -> None:
-        super().__init__(net, recipe, FCOS_STRIDES, net.cfg.rpn_iou, "backbone")
+        super().__init__(net, recipe, FCOS_STRIDES, net.cfg.rpn_iou, net.cfg.backbone)
+
+    def backbone_paper(self, input_size: tuple[int, int]) -> dict[str, Any]:
+        """Table 4 counts the backbone alone at 640x512; multiply-adds scale with H*W, so either orientation."""
+        if sorted(input_size) != [512, 640]:
+            return {}
+        params_m, gmacs = TABLE4[self.net.cfg.backbone]
+        return {"params_m": params_m, "gmacs": gmacs, "input_size": list(input_size),
+                "source": "bottom-heavy paper, Table 4 (backbone only, 640x512)"}  # fmt: skip
 
 
 def build(recipe: Recipe) -> BH:

@@ -126,6 +126,7 @@ class CFINetDeploy(DeployModel):
 
     raw_names = TWO_STAGE_RAW
     parity_names = CRPN_DENSE
+    backbone_path = "net.backbone"
 
     def __init__(self, net: CFINet, recipe: Recipe) -> None:
         super().__init__()

@@ -39,6 +39,7 @@ class FPNDetectorDeploy(DeployModel):
         self.net = net
         cfg = net.cfg
         self.fcos_strides, self.backbone_label = fcos_strides, backbone_label
+        self.backbone_path = "net.backbone"
         self.top_k, self.score_threshold = recipe.top_k, recipe.score_threshold
         self.nms_iou = cfg.nms_iou
         self.settings = TestSettings(

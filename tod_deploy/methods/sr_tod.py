@@ -177,6 +177,7 @@ class SRTODDeploy(DeployModel):
     def __init__(self, net: SRTOD, recipe: Recipe) -> None:
         super().__init__()
         self.net = net
+        self.backbone_path = "net.backbone"
         cfg = net.cfg
         self.settings = TestSettings(
             ProposalConfig(cfg.rpn_nms_pre, cfg.rpn_max_per_img, cfg.rpn_iou),

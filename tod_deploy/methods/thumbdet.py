@@ -132,6 +132,7 @@ class ThumbDetDeploy(DeployModel):
 
     raw_names = ("pred_logits", "pred_boxes")
     parity_names = raw_names
+    backbone_path = "detector.backbone.0.body"
 
     def __init__(self, detector: DeformableDETR, top_k: int, score_threshold: float) -> None:
         super().__init__()
