@@ -194,6 +194,46 @@ TOD_HD bool touches_padding(int64_t lo, int64_t hi, int64_t s, int64_t d, int64_
   return lo * s < p0 || hi * s + (k - 1) * d >= p0 + in;
 }
 
+// --- sums from tensor-core counts (the CUDA kernel; checked on the host by tests/test_cuda_kernel.py) ---
+//
+// A b1 MMA gives, for every (position, output channel) pair, popc(A op B) summed over its K bits, with
+// op = AND (sm_80+) or XOR (sm_75 only). Neither gives popc((s ^ w) & n) in one instruction, so the
+// kernel runs two MMAs and combines them with per-position or per-channel counts, as below.
+// Notation: s = sign bits, n = nonzero bits, z = valid & ~n (zero bits), w = weight bits, valid = the
+// bits of real channels; s implies n, and s, n, z, w are all 0 outside valid.
+
+// AND identity: popc((s ^ w) & n) = popc(s) + popc(w & n) - 2 * popc(s & w), because s & w & n = s & w.
+TOD_HD int64_t disagree_from_and(int64_t pop_s, int64_t pop_nw, int64_t pop_sw) { return pop_s + pop_nw - 2 * pop_sw; }
+
+// S = popc(n) - 2 * popc((s ^ w) & n) from the AND counts (MMAs s.w and n.w; popc(s), popc(n) per position).
+TOD_HD int32_t sum_from_and(int64_t pop_n, int64_t pop_s, int64_t pop_nw, int64_t pop_sw) {
+  return static_cast<int32_t>(pop_n - 2 * disagree_from_and(pop_s, pop_nw, pop_sw));
+}
+
+// XOR identity: per bit, xb * wb = (2s - 1 + z)(2w - 1) = 1 + w - 2 (s ^ w) - (z ^ w), so
+// S = valid_count + popc(w) - 2 * popc(s ^ w) - popc(z ^ w) (MMAs s.w and z.w; popc(w) per channel).
+// Padding bits cancel: there s = z = w = 0, so both XOR terms are 0.
+TOD_HD int32_t sum_from_xor(int64_t valid_count, int64_t pop_w, int64_t pop_s_xor_w, int64_t pop_z_xor_w) {
+  return static_cast<int32_t>(valid_count + pop_w - 2 * pop_s_xor_w - pop_z_xor_w);
+}
+
+// The zero-activation plane of one word (the XOR path's second MMA operand).
+TOD_HD uint64_t zero_bits(const Bits& b, uint64_t valid) { return valid & ~b.nonzero; }
+
+// Binarize and pack `count` (<= 64) channels that lie `stride` floats apart (NCHW: stride = H * W),
+// channel i into bit i. How the CUDA kernel packs activations, straight from the real-valued input.
+TOD_HD Bits pack_activation_word(const float* x, int64_t stride, int64_t count, float threshold, int zero_sign) {
+  Bits word;
+  word.sign = 0;
+  word.nonzero = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const Bits b = binarize(x[i * stride], threshold, zero_sign);
+    word.sign |= b.sign << i;
+    word.nonzero |= b.nonzero << i;
+  }
+  return word;
+}
+
 }  // namespace bconv
 }  // namespace tod
 
