@@ -72,6 +72,7 @@ class VerificationReport:
     outputs: list[OutputParity] = field(default_factory=list)
     detections: DetectionAgreement | None = None
     teacher_forced_layers: int = 0  # 1-bit layers checked one by one (see teacher_forcing.py)
+    reference: str = "torch"  # what the backend was compared against (onnxruntime for engines)
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,203 @@
+"""``tod::BinaryConv2d`` as a Python-defined TensorRT 11 plugin with an ahead-of-time (AOT) kernel.
+
+The AOT form puts the kernel's PTX, its launch geometry and its integer arguments into the engine,
+so the engine runs without Python and without a plugin library
+(https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/index.html).
+
+The shape, dtype and argument logic are plain functions, generic over Python ints and TensorRT's
+symbolic shape expressions (only +, -, * and a passed-in ``cdiv``), so the tests check them against
+the NumPy reference here, where TensorRT cannot be installed; the decorated functions only call them.
+
+No ``from __future__ import annotations`` in this module: ``tensorrt.plugin`` reads the decorated
+functions' annotations as objects (``trtp.TensorDesc``, ``int``, ``str``), not as strings.
+"""
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import onnx
+from onnx import numpy_helper
+
+from tod_deploy.errors import UserError
+from tod_deploy.ops.binary_conv_ref import DOMAIN, OP_TYPE, BinaryConvAttrs
+from tod_deploy.trt import kernels
+
+PLUGIN_ID = f"{DOMAIN}::{OP_TYPE}"
+KNOWN_PLUGINS = frozenset({PLUGIN_ID})
+# The ONNX parser finds a plugin by op type == plugin name and a string attribute naming its
+# namespace (TensorRT sample python_plugin, "ONNX model with a plugin").
+NAMESPACE_ATTR = "plugin_namespace"
+INPUT_NAMES = ("x", "w_packed", "alpha", "bias")
+
+T = TypeVar("T")
+Cdiv = Callable[[Any, Any], Any]
+
+
+def attrs_from_fields(fields: Mapping[str, object]) -> BinaryConvAttrs:
+    """The plugin's attributes (the ONNX node's, as TensorRT hands them over) -> validated attrs."""
+    return BinaryConvAttrs.from_onnx(fields)
+
+
+def _attrs(
+    kernel_shape: str, strides: str, pads: str, dilations: str, group: int, in_channels: int, threshold: float,
+    zero_sign: int, pad_value: int,
+) -> BinaryConvAttrs:  # fmt: skip
+    return attrs_from_fields(
+        {"kernel_shape": kernel_shape, "strides": strides, "pads": pads, "dilations": dilations, "group": group,
+         "in_channels": in_channels, "threshold": threshold, "zero_sign": zero_sign, "pad_value": pad_value}
+    )  # fmt: skip
+
+
+def output_shape(x_shape: Sequence[T], w_shape: Sequence[T], attrs: BinaryConvAttrs, cdiv: Cdiv) -> tuple[T, ...]:
+    """[N, C, H, W] and W_packed [Cout, KH, KW, bytes] -> Y [N, Cout, OH, OW]."""
+    n, _c, h, w = x_shape
+    oh, ow = kernels.output_hw(h, w, attrs, cdiv)
+    return (n, w_shape[0], oh, ow)
+
+
+def output_dtype(x: T, w_packed: T, alpha: T, bias: T, *, float32: T, packed: T) -> T:
+    """Y is float32, as in the reference; the inputs must be what the kernel reads.
+
+    ``packed`` is the dtype W_packed has in the network TensorRT sees (int32, see tensorrt_view).
+    """
+    wanted = (float32, packed, float32, float32)
+    for name, got, want in zip(INPUT_NAMES, (x, w_packed, alpha, bias), wanted, strict=True):
+        if got != want:
+            raise UserError(
+                f"{PLUGIN_ID} input {name} is {got}, the kernel reads {want}",
+                "build with tod-deploy build-engine from an export whose 1-bit layers take float32 activations",
+            )
+    return float32
+
+
+def kernel_args(x_shape: Sequence[Any], out_channels: int, attrs: BinaryConvAttrs, cdiv: Cdiv) -> list[Any]:
+    """The int32 extra kernel arguments, in ``kernels.KERNEL_INT_ARGS`` order."""
+    return list(kernels.kernel_int_args(tuple(x_shape), out_channels, attrs, cdiv))
+
+
+def launch(x_shape: Sequence[Any], out_channels: int, attrs: BinaryConvAttrs, cdiv: Cdiv) -> kernels.Launch:
+    """Grid, block and shared memory of one launch."""
+    return kernels.launch_geometry(tuple(x_shape), out_channels, attrs, cdiv)
+
+
+def pick_arch(compute_capability: tuple[int, int]) -> str:
+    """The newest PTX target the device can JIT: PTX for sm_XY runs on every device >= X.Y."""
+    have = compute_capability[0] * 10 + compute_capability[1]
+    usable = [arch for arch in kernels.TARGET_ARCHS if int(arch.removeprefix("sm_")) <= have]
+    if not usable:
+        raise UserError(
+            f"this GPU (compute capability {compute_capability[0]}.{compute_capability[1]}) is older than "
+            f"the {PLUGIN_ID} kernel's targets ({', '.join(kernels.TARGET_ARCHS)})",
+            "use a Turing (sm_75) or newer GPU, or export with --binary-conv decompose",
+        )
+    return max(usable, key=lambda arch: int(arch.removeprefix("sm_")))
+
+
+@functools.cache
+def ptx_for(arch: str) -> str:
+    """nvcc once per arch and process: the builder asks for every plugin layer."""
+    return kernels.compile_ptx(arch)
+
+
+def tensorrt_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an export, shaped for TensorRT's ONNX parser; the file on disk is left as is.
+
+    - each ``tod`` node gets ``plugin_namespace="tod"``, which is how the parser finds our plugin;
+    - W_packed is reinterpreted from uint8 [Cout, KH, KW, B] to int32 [Cout, KH, KW, B/4] (the same
+      little-endian bytes; B is a multiple of 8): TensorRT takes uint8 only as a network input or
+      output to cast to float, not as a plugin input
+      (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/FoundationalTypes/DataType.html).
+    """
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    packed = {node.input[1] for node in view.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE}
+    for node in view.graph.node:
+        if node.domain == DOMAIN and not any(a.name == NAMESPACE_ATTR for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute(NAMESPACE_ATTR, DOMAIN))
+    for index, init in enumerate(view.graph.initializer):
+        if init.name in packed and init.data_type == onnx.TensorProto.UINT8:
+            words = numpy_helper.to_array(init).view("<i4")
+            view.graph.initializer[index].CopyFrom(numpy_helper.from_array(words, init.name))
+    for info in [v for v in view.graph.value_info if v.name in packed]:  # stale uint8 type annotations
+        view.graph.value_info.remove(info)
+    missing = packed - {init.name for init in view.graph.initializer}
+    if missing:
+        raise UserError(
+            f"{PLUGIN_ID} weights {sorted(missing)[0]!r} are computed in the graph, not stored",
+            "re-export with tod-deploy export, which stores W_packed as an initializer",
+        )
+    return view
+
+
+def register_plugins() -> None:
+    """Register ``tod::BinaryConv2d`` with TensorRT once per process; call before parsing or deserializing."""
+    _register()
+
+
+@functools.cache
+def _register() -> None:
+    from tod_deploy.trt.runtime import require_cuda, require_tensorrt
+
+    trt = require_tensorrt()
+    import tensorrt.plugin as trtp  # noqa: PLC0415 - only with TensorRT present
+
+    def cdiv(a: Any, b: Any) -> Any:
+        # trtp.cdiv refuses two ints (see tensorrt.plugin Functions); constant attrs are ints.
+        if isinstance(a, int) and isinstance(b, int):
+            return -(-a // b)
+        return trtp.cdiv(a, b)
+
+    @trtp.register(PLUGIN_ID)
+    def _describe(
+        x: trtp.TensorDesc,
+        w_packed: trtp.TensorDesc,
+        alpha: trtp.TensorDesc,
+        bias: trtp.TensorDesc,
+        kernel_shape: str,
+        strides: str,
+        pads: str,
+        dilations: str,
+        group: int,
+        in_channels: int,
+        threshold: float,
+        zero_sign: int,
+        pad_value: int,
+    ) -> trtp.TensorDesc:
+        attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
+        dtype = output_dtype(x.dtype, w_packed.dtype, alpha.dtype, bias.dtype, float32=trt.float32, packed=trt.int32)
+        shape = output_shape(list(x.shape_expr), list(w_packed.shape_expr), attrs, cdiv)
+        return trtp.from_shape_expr(shape, dtype=dtype)
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _aot(
+        x: trtp.TensorDesc,
+        w_packed: trtp.TensorDesc,
+        alpha: trtp.TensorDesc,
+        bias: trtp.TensorDesc,
+        kernel_shape: str,
+        strides: str,
+        pads: str,
+        dilations: str,
+        group: int,
+        in_channels: int,
+        threshold: float,
+        zero_sign: int,
+        pad_value: int,
+        outputs,  # unannotated: aot_impl checks hints against its documented typing.Tuple form
+    ):
+        attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
+        x_shape = list(x.shape_expr)
+        out_channels = w_packed.shape_expr[0].constant_value()  # W_packed is an initializer: static
+        geometry = launch(x_shape, out_channels, attrs, cdiv)
+        params = trtp.KernelLaunchParams(
+            grid_x=geometry.grid[0], grid_y=geometry.grid[1], grid_z=geometry.grid[2],
+            block_x=geometry.block[0], block_y=geometry.block[1], block_z=geometry.block[2],
+            shared_mem=geometry.shared_mem,
+        )  # fmt: skip
+        values = kernel_args(x_shape, out_channels, attrs, cdiv)
+        extra = trtp.SymIntExprs(len(values))
+        for index, value in enumerate(values):
+            extra[index] = trtp.SymInt32(value)
+        ptx = ptx_for(pick_arch(require_cuda().compute_capability()))
+        return kernels.KERNEL_NAME, ptx, params, extra
