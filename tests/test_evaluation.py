@@ -1,0 +1,354 @@
+"""Tiny-object AP: agreement with pycocotools' own COCOeval, the AI-TOD bins, the box mapping, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tod_deploy.errors import UserError
+from tod_deploy.evaluation.coco_eval import (
+    AITOD_BINS,
+    TABLE_METRICS,
+    category_lookup,
+    detections_as_ground_truth,
+    evaluate_detections,
+)
+from tod_deploy.evaluation.datasets import load_coco, load_image
+from tod_deploy.evaluation.synthetic import generate_synthetic
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("eval_set")
+    generate_synthetic(root, images=16, seed=11, size_hw=(256, 256))
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_class_gt(synthetic: Path) -> dict[str, Any]:
+    """The synthetic set with its objects split over two categories (so categories matter)."""
+    data = json.loads((synthetic / "annotations.json").read_text())
+    data["categories"] = [{"id": 3, "name": "car"}, {"id": 7, "name": "person"}]
+    for ann in data["annotations"]:
+        ann["category_id"] = 3 if ann["id"] % 2 else 7
+    return data
+
+
+def jittered(gt: dict[str, Any], seed: int = 0, keep: float = 0.85, jitter: float = 0.15) -> list[dict[str, Any]]:
+    """Detections from perturbed ground-truth boxes (size-relative jitter), random scores, some misses,
+    some wrong classes and some false positives: AP is neither 0 nor 1."""
+    rng = np.random.default_rng(seed)
+    ids = [c["id"] for c in gt["categories"]]
+    dets = []
+    for ann in gt["annotations"]:
+        if rng.random() > keep:
+            continue
+        x, y, w, h = ann["bbox"]
+        dx, dy, dw, dh = rng.normal(0, jitter, 4) * [w, h, w, h]
+        category = ann["category_id"] if rng.random() < 0.9 else ids[int(rng.integers(len(ids)))]
+        box = [x + dx, y + dy, max(0.5, w + dw), max(0.5, h + dh)]
+        dets.append({"image_id": ann["image_id"], "category_id": category, "bbox": box, "score": float(rng.random())})
+    for im in gt["images"]:  # false positives of every size
+        for _ in range(3):
+            side = float(np.exp(rng.uniform(np.log(2), np.log(64))))
+            box = [float(rng.uniform(0, 190)), float(rng.uniform(0, 190)), side, side]
+            category = ids[int(rng.integers(len(ids)))]
+            dets.append({"image_id": im["id"], "category_id": category, "bbox": box, "score": float(rng.random())})
+    return dets
+
+
+def cocoeval_stats(gt: dict[str, Any], dets: list[dict[str, Any]], tmp: Path, area_rng: list | None = None) -> Any:
+    """pycocotools used the documented way: COCO(file), loadRes, evaluate, accumulate, summarize."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    path = tmp / "gt.json"
+    path.write_text(json.dumps(gt))
+    coco = COCO(str(path))
+    evaluator = COCOeval(coco, coco.loadRes(copy.deepcopy(dets)), "bbox")
+    if area_rng is not None:
+        evaluator.params.areaRng = area_rng
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator.stats
+
+
+def same(mine: float | None, theirs: float) -> bool:
+    return (theirs == -1 and mine is None) or (mine is not None and math.isclose(mine, theirs, abs_tol=1e-12))
+
+
+# ----------------------------------------------------------------------------- AP against pycocotools
+
+
+def test_standard_areas_agree_with_cocoeval(two_class_gt: dict[str, Any], tmp_path: Path) -> None:
+    dets = jittered(two_class_gt)
+    ours = evaluate_detections(two_class_gt, dets)
+    stats = cocoeval_stats(two_class_gt, dets, tmp_path)
+    assert 0.05 < ours["AP"] < 0.9 and 0.1 < ours["AP50"] < 0.99  # a data set where AP says something
+    for key, index in (("AP", 0), ("AP50", 1), ("AP75", 2), ("coco_APs", 3), ("coco_APm", 4), ("coco_APl", 5)):
+        assert same(ours[key], stats[index]), (key, ours[key], stats[index])
+    assert same(ours["AR"], stats[8])  # AR@100, all areas
+    assert ours["coco_APs"] is not None and ours["coco_APm"] is not None
+
+
+def test_aitod_bins_agree_with_cocoeval_areas_set_by_hand(two_class_gt: dict[str, Any], tmp_path: Path) -> None:
+    dets = jittered(two_class_gt, seed=1)
+    ours = evaluate_detections(two_class_gt, dets)
+    everything = [0, 1e5**2]
+    # summarize() reports areaRng[1..3] as "small/medium/large": put the bins there, by hand.
+    first = cocoeval_stats(two_class_gt, dets, tmp_path, [everything, [4, 64], [64, 256], [256, 1024]])
+    second = cocoeval_stats(two_class_gt, dets, tmp_path, [everything, [1024, 4096], [0, 1], [0, 1]])
+    expected = {"APvt": first[3], "APt": first[4], "APs": first[5], "APm": second[3]}
+    for key, value in expected.items():
+        assert value > 0 and same(ours[key], value), (key, ours[key], value)
+    assert len({round(v, 6) for v in expected.values()}) == 4  # the bins are different numbers
+    assert ours["counts"]["ground_truth_per_bin"] == {
+        name: sum(lo <= math.sqrt(a["area"]) < hi for a in two_class_gt["annotations"])
+        for name, (lo, hi) in AITOD_BINS.items()
+    }
+
+
+def test_each_bin_scores_only_its_own_objects(two_class_gt: dict[str, Any]) -> None:
+    """Dropping the detections of very tiny objects zeroes APvt and leaves APm exactly as it was."""
+    gt_side = {a["id"]: math.sqrt(a["area"]) for a in two_class_gt["annotations"]}
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.5 + a["id"] * 1e-6}
+        for a in two_class_gt["annotations"]
+    ]
+    full = evaluate_detections(two_class_gt, perfect)
+    assert all(full[m] == pytest.approx(1.0) for m in TABLE_METRICS)
+    without_vt = [d for d, a in zip(perfect, two_class_gt["annotations"], strict=True) if gt_side[a["id"]] >= 8]
+    partial = evaluate_detections(two_class_gt, without_vt)
+    assert partial["APvt"] == 0.0
+    assert partial["APm"] == pytest.approx(1.0) and partial["APs"] == pytest.approx(1.0)
+    assert 0.0 < partial["AP"] < 1.0
+
+
+def test_class_agnostic_ignores_labels(two_class_gt: dict[str, Any]) -> None:
+    dets = [
+        {"image_id": a["image_id"], "category_id": 10 - a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in two_class_gt["annotations"]
+    ]  # every box right, every class wrong (3 <-> 7)
+    assert evaluate_detections(two_class_gt, dets)["AP"] == 0.0
+    assert evaluate_detections(two_class_gt, dets, class_agnostic=True)["AP"] == pytest.approx(1.0)
+
+
+def test_detections_as_ground_truth_for_fidelity(two_class_gt: dict[str, Any]) -> None:
+    reference = jittered(two_class_gt, seed=2)
+    gt = detections_as_ground_truth(two_class_gt, reference, min_score=0.3)
+    assert len(gt["annotations"]) == sum(d["score"] >= 0.3 for d in reference)
+    assert gt["images"] == two_class_gt["images"]
+    identical = evaluate_detections(gt, reference)
+    assert identical["AP"] == pytest.approx(1.0) and identical["AP50"] == pytest.approx(1.0)
+    drifted = evaluate_detections(gt, jittered(gt, seed=3, keep=1.0, jitter=0.1))
+    assert drifted["AP"] < 0.9 * identical["AP"]
+
+
+def test_empty_and_non_finite_detections(two_class_gt: dict[str, Any]) -> None:
+    empty = evaluate_detections(two_class_gt, [])
+    assert empty["AP"] == 0.0 and empty["APvt"] == 0.0 and empty["coco_APl"] is None
+    bad = [{"image_id": 1, "category_id": 3, "bbox": [1.0, 2.0, float("nan"), 4.0], "score": 0.5}]
+    with pytest.raises(UserError, match="non-finite"):
+        evaluate_detections(two_class_gt, bad)
+
+
+def test_category_lookup() -> None:
+    cats = [{"id": 7}, {"id": 3}]
+    by_index = category_lookup(2, cats, class_agnostic=False)
+    assert [by_index(0), by_index(1), by_index(2)] == [3, 7, None]
+    assert category_lookup(91, cats, class_agnostic=True)(55) == 3
+    coco_like = category_lookup(91, [{"id": 1}, {"id": 18}, {"id": 90}], class_agnostic=False)
+    assert [coco_like(18), coco_like(12), coco_like(0)] == [18, None, None]
+    with pytest.raises(UserError, match="8 classes but the data set has 1 categories.*--class-agnostic"):
+        category_lookup(8, [{"id": 1}], class_agnostic=False)
+
+
+# ----------------------------------------------------------------------------- images and boxes
+
+
+def test_letterbox_maps_boxes_back_to_the_original(tmp_path: Path) -> None:
+    from PIL import Image
+
+    pixels = np.zeros((300, 500, 3), dtype=np.uint8)
+    pixels[120:160, 200:260] = 255  # an object at x 200..260, y 120..160
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    tensor, mapping = load_image(tmp_path / "wide.png", (256, 384))
+    assert tensor.shape == (3, 256, 384) and tensor.dtype == np.float32 and tensor.max() == 255
+    assert tensor[:, 231:].max() == 0  # 300x500 -> 230x384, padded below
+    ys, xs = np.nonzero(tensor[0] > 127)
+    found = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+    assert np.abs(mapping.to_original(found) - [200, 120, 260, 160]).max() <= 1.5
+    box = np.array([[10.0, 20.0, 400.0, 290.0]])
+    assert np.allclose(mapping.to_original(mapping.to_input(box)), box)
+    assert mapping.to_original(np.array([0.0, 0.0, 384.0, 256.0])).tolist() == [0, 0, 500, 300]  # clipped
+
+
+def test_contract_to_detections() -> None:
+    from tod_deploy.evaluation.datasets import Letterbox
+    from tod_deploy.evaluation.run import contract_to_detections
+
+    mapping = Letterbox(0.5, 0.5, 0, 0, (200, 400), (100, 200))
+    outputs = {
+        "num_dets": np.array([3], dtype=np.int32),
+        "boxes": np.array([[[10, 10, 20, 30], [0, 0, 5, 5], [50, 60, 50, 70], [1, 1, 2, 2]]], dtype=np.float32),
+        "scores": np.array([[0.9, 0.8, 0.7, 0.0]], dtype=np.float32),
+        "labels": np.array([[1, 5, 0, 0]], dtype=np.int32),
+    }
+    dets = contract_to_detections(outputs, mapping, 42, lambda label: {0: 3, 1: 7}.get(label))
+    # label 5 has no category; the third box has zero width; the fourth is padding past num_dets
+    assert dets == [{"image_id": 42, "category_id": 7, "bbox": [20.0, 20.0, 20.0, 40.0], "score": pytest.approx(0.9)}]
+    outputs["scores"][0, 3] = np.nan
+    with pytest.raises(UserError, match="NaN/Inf scores"):
+        contract_to_detections(outputs, mapping, 42, lambda label: 3)
+
+
+def test_load_coco_checks(synthetic: Path, tmp_path: Path) -> None:
+    coco = load_coco(synthetic / "annotations.json", synthetic / "images", max_images=3)
+    assert [im["id"] for im in coco.images] == [1, 2, 3]
+    assert {a["image_id"] for a in coco.subset()["annotations"]} == {1, 2, 3}
+    with pytest.raises(UserError, match="at least 1"):
+        load_coco(synthetic / "annotations.json", synthetic / "images", max_images=0)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": [], "annotations": [{"bbox": [0, 0, 1]}], "categories": [{"id": 1}]}))
+    with pytest.raises(UserError, match=r"annotation 0 has no \[x, y, w, h\] bbox"):
+        load_coco(bad, synthetic / "images")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_table_and_plot(tmp_path: Path) -> None:
+    from PIL import Image
+    from rich.console import Console
+
+    from tod_deploy.evaluation.report import PALETTE, eval_table, write_plot
+    from tod_deploy.evaluation.run import EvalReport
+
+    metrics = {m: 0.1 * (i + 1) for i, m in enumerate(TABLE_METRICS)}
+    counts = {"detections": 12, "ground_truth": 9, "ground_truth_per_bin": {"vt": 1, "t": 2, "s": 3, "m": 3}}
+    results = {"torch": {**metrics, "counts": counts}, "onnxruntime": {**metrics, "APm": None, "counts": counts}}
+    report = EvalReport("m.onnx", "thumbdet", (256, 384), "ann.json", "imgs", 4, True, 100, results, {"torch": 2.0})
+    console = Console(width=200, record=True)
+    console.print(eval_table(report))
+    text = console.export_text()
+    assert "torch" in text and "onnxruntime" in text and "APvt" in text and "70.0" in text and " - " in text
+    path = write_plot(results, tmp_path / "plot.png", "title")
+    with Image.open(path) as img:
+        assert img.size == (960, 540)
+        colors = {c for _, c in img.convert("RGB").getcolors(1 << 20)}
+    assert PALETTE[0] in colors and PALETTE[1] in colors
+
+
+# ----------------------------------------------------------------------------- the command, end to end
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tod_deploy.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_set")
+    generate_synthetic(root, images=4, seed=5, size_hw=(240, 320))
+    return root
+
+
+def test_eval_end_to_end_torch_and_onnxruntime(small_onnx: Path, tiny_set: Path, tmp_path: Path) -> None:
+    """The command over 4 images on both backends: JSON, PNG, equal AP. In-process, the same run gives the
+    same detections on both backends, and with torch's detections as ground truth (random weights score
+    0 on the real boxes) onnxruntime's reach AP near 1 - the fidelity scoring a quantized model gets."""
+    from PIL import Image
+
+    from tod_deploy.evaluation.run import evaluate_model
+
+    ann = tiny_set / "annotations.json"
+    out_json, out_png = tmp_path / "eval.json", tmp_path / "eval.png"
+    proc = run("eval", str(small_onnx), "--data", str(ann), "--images", str(tiny_set / "images"), "--class-agnostic",
+               "--backend", "torch,onnxruntime", "--json", str(out_json), "--plot", str(out_png))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "onnxruntime" in proc.stdout and "APvt" in proc.stdout
+    result = json.loads(out_json.read_text())
+    assert result["images"] == 4 and set(result["results"]) == {"torch", "onnxruntime"}
+    torch_m, ort_m = result["results"]["torch"], result["results"]["onnxruntime"]
+    assert torch_m["counts"]["ground_truth"] == len(json.loads(ann.read_text())["annotations"])
+    for metric in TABLE_METRICS:
+        assert torch_m[metric] is not None and abs(torch_m[metric] - ort_m[metric]) < 1e-3, metric
+    with Image.open(out_png) as img:
+        assert img.format == "PNG" and img.size == (960, 540)
+
+    report = evaluate_model(small_onnx, ann, tiny_set / "images", backends="torch,onnxruntime", class_agnostic=True,
+                            max_images=2, log=lambda _line: None)  # fmt: skip
+    torch_dets, ort_dets = report.detections["torch"], report.detections["onnxruntime"]
+    assert len(torch_dets) == len(ort_dets) > 0
+    for a, b in zip(torch_dets, ort_dets, strict=True):  # same order (the contract is sorted by score)
+        assert a["image_id"] == b["image_id"] and abs(a["score"] - b["score"]) < 1e-3
+        assert np.abs(np.subtract(a["bbox"], b["bbox"])).max() < 0.05
+    for x, y, w, h in (d["bbox"] for d in torch_dets):  # mapped back into the 320x240 originals
+        assert 0 <= x and 0 <= y and x + w <= 320 + 1e-6 and y + h <= 240 + 1e-6
+    assert max(x + w for x, _, w, _ in (d["bbox"] for d in torch_dets)) > 256  # not left in 256x384 input pixels
+    scores = sorted(d["score"] for d in torch_dets)
+    reference = detections_as_ground_truth(load_coco(ann, tiny_set / "images", 2).subset(), torch_dets, scores[-50])
+    fidelity = evaluate_detections(reference, ort_dets, class_agnostic=True)
+    assert fidelity["AP"] > 0.95 and fidelity["AP50"] > 0.99
+    shifted = [{**d, "bbox": [d["bbox"][0] + d["bbox"][2] / 2, *d["bbox"][1:]]} for d in ort_dets]
+    assert evaluate_detections(reference, shifted, class_agnostic=True)["AP"] < 0.5 * fidelity["AP"]
+
+
+def test_eval_bad_inputs_are_one_line(small_onnx: Path, tiny_set: Path, tmp_path: Path) -> None:
+    ann, images = tiny_set / "annotations.json", tiny_set / "images"
+    base = ("eval", str(small_onnx), "--class-agnostic", "--backend", "onnxruntime")
+    assert_one_line_error(run(*base, "--data", str(tmp_path / "nope.json"), "--images", str(images)), "does not exist")
+    (tmp_path / "corrupt.json").write_text('{"images": [')
+    assert_one_line_error(run(*base, "--data", str(tmp_path / "corrupt.json"), "--images", str(images)), "invalid JSON")
+    assert_one_line_error(run(*base, "--data", str(ann), "--images", str(tmp_path)), "4 of 4 images", "missing")
+    assert_one_line_error(run(*base, "--data", str(ann), "--images", str(images), "--max-images", "0"), "at least 1")
+    proc = run("eval", "--data", str(ann), "--images", str(images))
+    assert_one_line_error(proc, "either a model file or --method")
+    proc = run("eval", "--method", "thumbdet", "--backend", "onnxruntime", "--data", str(ann), "--images", str(images))
+    assert_one_line_error(proc, "PyTorch model only", "export it first")
+    # label spaces that cannot be mapped: 91 COCO classes vs one category, without --class-agnostic
+    proc = run("eval", str(small_onnx), "--data", str(ann), "--images", str(images), "--max-images", "1")
+    assert_one_line_error(proc, "91 classes", "--class-agnostic")
+    # an unreadable image
+    broken = tmp_path / "broken"
+    shutil.copytree(images, broken)
+    (broken / "000000.png").write_bytes(b"\x89PNG not really")
+    assert_one_line_error(run(*base, "--data", str(ann), "--images", str(broken)), "cannot read image", "000000.png")
+
+
+def test_eval_nan_model_output_is_one_line(small_onnx: Path, tiny_set: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(small_onnx))
+    producer = next(node for node in model.graph.node if "scores" in node.output)
+    producer.output[list(producer.output).index("scores")] = "scores_finite"
+    model.graph.initializer.append(helper.make_tensor("nan_scale", TensorProto.FLOAT, [], [float("nan")]))
+    model.graph.node.append(helper.make_node("Mul", ["scores_finite", "nan_scale"], ["scores"]))
+    nan_model = tmp_path / "nan.onnx"
+    onnx.save(model, str(nan_model))
+    shutil.copy(small_onnx.with_suffix(".json"), nan_model.with_suffix(".json"))
+    proc = run("eval", str(nan_model), "--data", str(tiny_set / "annotations.json"), "--images",
+               str(tiny_set / "images"), "--class-agnostic", "--max-images", "1")  # fmt: skip
+    assert_one_line_error(proc, "NaN/Inf scores", "onnxruntime")

@@ -1,0 +1,223 @@
+"""``eval``: one model on every requested backend over a COCO data set, scored with the same AP code.
+
+Each image is read once, letterboxed into the model's input (``datasets.load_image``), and fed
+to every backend; the detection contract (DESIGN.md section 4) comes back, rows past
+``num_dets`` are dropped, boxes are mapped to the original image's pixels and labels to the data
+set's category ids, and ``coco_eval.evaluate_detections`` scores each backend's detections.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tod_deploy.errors import UserError
+from tod_deploy.evaluation.coco_eval import category_lookup, evaluate_detections
+from tod_deploy.evaluation.datasets import Letterbox, load_coco, load_image
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+Log = Callable[[str], None]
+
+
+@dataclass
+class EvalReport:
+    model: str
+    method: str
+    input_size: tuple[int, int]
+    data: str
+    images_dir: str
+    num_images: int
+    class_agnostic: bool
+    max_dets: int
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    # Per backend: [{image_id, category_id, bbox, score}], original pixels (not in the JSON: it can be large).
+    detections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "method": self.method,
+            "input_size": list(self.input_size),
+            "data": self.data,
+            "images_dir": self.images_dir,
+            "images": self.num_images,
+            "class_agnostic": self.class_agnostic,
+            "max_dets": self.max_dets,
+            "metrics": "AP averaged over IoU 0.50:0.95; AI-TOD bins on sqrt(area): vt [2,8), t [8,16), "
+            "s [16,32), m [32,64) px; coco_AP* use COCO's areas; null = no ground truth in that range",
+            "results": self.results,
+            "seconds": self.seconds,
+        }
+
+
+def parse_backends(text: str | None, default: str) -> list[str]:
+    names = [b.strip().lower() for b in (text or default).split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if not names or unknown:
+        raise UserError(f"unknown backend(s) {unknown or text!r}", f"choose from {', '.join(BACKENDS)}")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    method: str
+    input_size: tuple[int, int]
+    num_classes: int | None
+    runners: dict[str, Any]
+
+
+def _static_input_size(model: Any, path: Path) -> tuple[int, int] | None:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise UserError(f"{path.name} does not take images [N, 3, H, W]", "evaluate a detection-contract export")
+    batch = dims[0].dim_value
+    if batch > 1:
+        raise UserError(f"{path.name} was exported for batch {batch}", "re-export with --batch 1 or --batch dynamic")
+    h, w = dims[2].dim_value, dims[3].dim_value
+    return (h, w) if h > 0 and w > 0 else None
+
+
+def load_model(
+    model_path: Path | None,
+    method: str | None,
+    backends: str | None,
+    checkpoint: Path | None = None,
+    input_size: str | None = None,
+    log: Log = print,
+) -> LoadedModel:
+    """Runners for an exported ONNX (torch rebuilt from its sidecar) or for a method's PyTorch model."""
+    from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
+    from tod_deploy.runtimes import OnnxRuntimeRunner, TorchRunner
+
+    if (model_path is None) == (method is None):
+        raise UserError("give either a model file or --method", "e.g. tod-deploy eval model.onnx --data ann.json ...")
+    runners: dict[str, Any] = {}
+    if model_path is not None:
+        from tod_deploy.export.pipeline import read_sidecar, rebuild_deploy_model, recipe_of
+        from tod_deploy.runtimes import load_onnx
+
+        if checkpoint is not None or input_size is not None:
+            raise UserError("--checkpoint and --input-size go with --method", "an export's sidecar already fixes them")
+        names = parse_backends(backends, "onnxruntime")
+        onnx_model = load_onnx(model_path)
+        outputs = {o.name for o in onnx_model.graph.output}
+        if not set(CONTRACT_OUTPUTS) <= outputs:
+            raise UserError(
+                f"{model_path.name} lacks the detection outputs {list(CONTRACT_OUTPUTS)} (a --raw export?)",
+                "evaluate an export without --raw",
+            )
+        sidecar = read_sidecar(model_path)
+        recipe = recipe_of(sidecar)
+        size = _static_input_size(onnx_model, model_path) or tuple(recipe.input_size)
+        for backend in names:
+            if backend == "torch":
+                runners[backend] = TorchRunner(rebuild_deploy_model(sidecar, log), list(CONTRACT_OUTPUTS))
+            elif backend == "onnxruntime":
+                runners[backend] = OnnxRuntimeRunner(onnx_model)
+            else:
+                _tensorrt_unavailable()
+        name = str(model_path)
+    else:
+        from tod_deploy.models import build_deploy_model, resolve_recipe
+
+        names = parse_backends(backends, "torch")
+        if names != ["torch"]:
+            raise UserError(
+                f"--method runs the PyTorch model only, not {', '.join(b for b in names if b != 'torch')}",
+                "export it first (tod-deploy export) and evaluate the .onnx for other backends",
+            )
+        recipe = resolve_recipe(method, None, {"input_size": input_size} if input_size else None)
+        deploy, _ = build_deploy_model(recipe, checkpoint, 0, log)
+        runners["torch"] = TorchRunner(deploy, list(CONTRACT_OUTPUTS))
+        size = tuple(recipe.input_size)
+        name = f"--method {method}"
+    num_classes = recipe.model.get("num_classes")
+    return LoadedModel(name, recipe.method, (int(size[0]), int(size[1])), num_classes, runners)
+
+
+def _tensorrt_unavailable() -> None:
+    from tod_deploy.trt.runtime import require_tensorrt
+
+    require_tensorrt()
+    raise UserError("evaluating on TensorRT needs a built engine", "run tod-deploy build-engine, then evaluate it")
+
+
+def contract_to_detections(
+    outputs: dict[str, np.ndarray],
+    mapping: Letterbox,
+    image_id: int,
+    to_category: Callable[[int], int | None],
+    where: str = "",
+) -> list[dict[str, Any]]:
+    """One image's detection contract -> COCO results in original pixels (xywh), labels as category ids."""
+    boxes, scores = np.asarray(outputs["boxes"])[0], np.asarray(outputs["scores"])[0]
+    labels, count = np.asarray(outputs["labels"])[0], int(np.asarray(outputs["num_dets"]).reshape(-1)[0])
+    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+        raise UserError(
+            f"the model produced NaN/Inf {'boxes' if not np.isfinite(boxes).all() else 'scores'}{where}",
+            "check the export with tod-deploy verify (and the checkpoint's weights)",
+        )
+    count = max(0, min(count, len(scores)))
+    xyxy = mapping.to_original(boxes[:count])
+    detections = []
+    for (x1, y1, x2, y2), score, label in zip(xyxy, scores[:count], labels[:count], strict=True):
+        category = to_category(int(label))
+        if category is None or x2 <= x1 or y2 <= y1:
+            continue  # a label that is no category of the data set, or a box wholly outside the image
+        detections.append(
+            {"image_id": image_id, "category_id": category, "bbox": [float(x1), float(y1), float(x2 - x1),
+             float(y2 - y1)], "score": float(score)}
+        )  # fmt: skip
+    return detections
+
+
+def evaluate_model(
+    model_path: Path | None,
+    data: Path,
+    images_dir: Path,
+    method: str | None = None,
+    backends: str | None = None,
+    max_images: int | None = None,
+    class_agnostic: bool = False,
+    max_dets: int = 100,
+    checkpoint: Path | None = None,
+    input_size: str | None = None,
+    log: Log = print,
+) -> EvalReport:
+    coco = load_coco(data, images_dir, max_images)  # check the data before the (slow) model build
+    loaded = load_model(model_path, method, backends, checkpoint, input_size, log)
+    to_category = category_lookup(loaded.num_classes, coco.categories, class_agnostic)
+    report = EvalReport(
+        loaded.name, loaded.method, loaded.input_size, str(data), str(images_dir), len(coco.images),
+        class_agnostic, max_dets,
+    )  # fmt: skip
+    detections: dict[str, list[dict[str, Any]]] = {b: [] for b in loaded.runners}
+    seconds = dict.fromkeys(loaded.runners, 0.0)
+    log(f"evaluating {len(coco.images)} images at {loaded.input_size[0]}x{loaded.input_size[1]} "
+        f"on {', '.join(loaded.runners)} ...")  # fmt: skip
+    step = max(1, len(coco.images) // 4)
+    for i, image in enumerate(coco.images):
+        path = coco.image_path(image)
+        pixels, mapping = load_image(path, loaded.input_size)
+        batch = pixels[None]
+        for backend, runner in loaded.runners.items():
+            start = time.perf_counter()
+            outputs = runner.run(batch)
+            seconds[backend] += time.perf_counter() - start
+            where = f" on {backend} for {path.name}"
+            detections[backend] += contract_to_detections(outputs, mapping, image["id"], to_category, where)
+        if (i + 1) % step == 0 or i + 1 == len(coco.images):
+            log(f"  {i + 1}/{len(coco.images)} images")
+    subset = coco.subset()
+    for backend, dets in detections.items():
+        report.results[backend] = evaluate_detections(subset, dets, class_agnostic, max_dets)
+    report.seconds = {b: round(s, 3) for b, s in seconds.items()}
+    report.detections = detections
+    return report
