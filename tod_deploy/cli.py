@@ -69,7 +69,7 @@ def write_json(path: Path | None, data: Any) -> None:
 
 
 def parity_table(report: Any) -> Table:
-    table = Table(title=f"parity: {report.backend} vs torch on {report.inputs} seeded inputs")
+    table = Table(title=f"parity: {report.backend} vs {report.reference} on {report.inputs} seeded inputs")
     for column in ("output", "max abs err", "max rel err", "atol / rtol", "failing", "result"):
         table.add_column(column, justify="right" if column != "output" else "left")
     for o in report.outputs:
@@ -178,15 +178,25 @@ def export_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    model: Annotated[Path, typer.Argument(help="An .onnx written by tod-deploy export (its .json beside it).")],
+    model: Annotated[
+        Path, typer.Argument(help="An .onnx written by tod-deploy export, or an .engine written by build-engine.")
+    ],
     atol: Annotated[float, typer.Option(min=0.0, help="Absolute tolerance.")] = 1e-4,
     rtol: Annotated[float, typer.Option(min=0.0, help="Relative tolerance.")] = 1e-3,
+    reference: Annotated[
+        Path | None, typer.Option(help="For an .engine: the .onnx to compare with (default: its source).")
+    ] = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """Re-run parity of an exported model against the PyTorch model it came from."""
+    """Re-run parity: an .onnx against PyTorch, an .engine (TensorRT) against its ONNX in onnxruntime."""
     from tod_deploy.export.pipeline import reverify
 
-    report = reverify(model, atol, rtol, log=log)
+    if model.suffix == ".engine":
+        from tod_deploy.trt.verify import verify_engine
+
+        report = verify_engine(model, reference, atol, rtol, log=log)
+    else:
+        report = reverify(model, atol, rtol, log=log)
     out.print(parity_table(report))
     write_json(json_path, report.to_dict())
     if not report.ok:
@@ -195,7 +205,7 @@ def verify_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    model: Annotated[Path, typer.Argument(help="An .onnx written by tod-deploy export.")],
+    model: Annotated[Path, typer.Argument(help="An .onnx written by tod-deploy export, or an .engine (TensorRT).")],
     fps: Annotated[bool, typer.Option("--fps", help="Report throughput (the default measurement).")] = True,
     backend: Annotated[str, typer.Option(help="Comma-separated: torch, onnxruntime, tensorrt.")] = "torch,onnxruntime",
     batch: Annotated[int, typer.Option(min=1, help="Images per call.")] = 1,
@@ -203,6 +213,9 @@ def bench_cmd(
     iters: Annotated[int | None, typer.Option(min=1, help="Timed calls per backend.")] = None,
     duration: Annotated[float | None, typer.Option(min=0.1, help="Time budget in seconds instead of --iters.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
+    cuda_graph: Annotated[
+        bool, typer.Option("--cuda-graph", help="TensorRT: replay the engine's launches as one CUDA graph.")
+    ] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Latency percentiles and FPS per backend, measured side by side, with ratios."""
@@ -213,9 +226,52 @@ def bench_cmd(
         raise UserError("--iters and --duration both given", "use one of them")
     if iters is None and duration is None:
         iters = 20
-    report = bench_model(model, parse_backends(backend), batch, warmup, iters, duration, threads, log=log)
+    report = bench_model(
+        model, parse_backends(backend), batch, warmup, iters, duration, threads, log=log, cuda_graph=cuda_graph
+    )
     out.print(bench_table(report))
     write_json(json_path, report.to_dict())
+
+
+@app.command("build-engine")
+def build_engine_cmd(
+    model: Annotated[Path, typer.Argument(help="An .onnx written by tod-deploy export (its .json gives defaults).")],
+    min_shape: Annotated[
+        str | None, typer.Option("--min", help="Smallest input shape, e.g. 1x3x800x800 (or images:1x3x800x800).")
+    ] = None,
+    opt_shape: Annotated[str | None, typer.Option("--opt", help="Shape TensorRT tunes for (default: --min).")] = None,
+    max_shape: Annotated[str | None, typer.Option("--max", help="Largest input shape the engine accepts.")] = None,
+    workspace: Annotated[float, typer.Option(min=0.01, help="Builder scratch memory limit, GiB.")] = 4.0,
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="Timing cache file: read if present, written after the build (faster rebuilds).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Engine file (default: the model's name with .engine).")] = None,
+    plan_only: Annotated[
+        bool, typer.Option("--plan-only", help="Print (with --json: write) the build plan; needs no TensorRT or GPU.")
+    ] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """ONNX -> TensorRT 11 engine (strongly typed: precision comes from the ONNX), with the tod plugins.
+
+    Writes <name>.engine and <name>.engine.json (the plan and the engine's layer/precision summary)
+    together or not at all. Profiles default to the export: its H x W, and batch 1..8 if the batch is
+    dynamic. --plan-only shows what would be built, on any machine.
+    """
+    from tod_deploy.trt.builder import build_engine, plan_build
+
+    plan = plan_build(model, output, min_shape, opt_shape, max_shape, workspace, timing_cache)
+    out.print(plan.describe())
+    if plan_only:
+        write_json(json_path, plan.to_dict())
+        return
+    result = build_engine(plan, log=log)
+    layers = result.sidecar["layers"]
+    precisions = ", ".join(f"{name} {count}" for name, count in layers["by_precision"].items())
+    out.print(
+        f"wrote {result.engine_path} ({result.sidecar['engine']['bytes'] / 1e6:.1f} MB, {layers['layers']} layers: "
+        f"{precisions}) and {result.sidecar_path.name}"
+    )
+    write_json(json_path, result.sidecar)
 
 
 @app.command("inspect")
@@ -228,13 +284,17 @@ def inspect_cmd(
     backbone: BackboneOpt = None,
     variant: VariantOpt = None,
     checkpoint: CheckpointOpt = None,
+    backbone_only: Annotated[
+        bool, typer.Option("--backbone-only", help="Count the backbone alone (as backbone papers' tables do).")
+    ] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Parameters and multiply-adds (the papers' "GFLOPs") of the deploy model, vs the paper."""
     from tod_deploy.inspection import inspect_method, inspect_table
 
     overrides = model_overrides(detector, backbone) | ({"input_size": input_size} if input_size else {})
-    result = inspect_method(method, variant_of(scale, variant, preset), overrides, checkpoint, log=log)
+    variant_name = variant_of(scale, variant, preset)
+    result = inspect_method(method, variant_name, overrides, checkpoint, log=log, backbone_only=backbone_only)
     out.print(inspect_table(result))
     write_json(json_path, result)
 
@@ -251,6 +311,99 @@ def visualize_cmd(
     for path in save_extra_outputs(model, image, out):
         out_line = f"wrote {path}"
         log(out_line)
+
+
+@app.command("check")
+def check_cmd(
+    model: Annotated[Path, typer.Argument(help="An .onnx file (ours or any other exporter's).")],
+    target: Annotated[str, typer.Option(help="Runtime to check against: tensorrt (TensorRT 11).")] = "tensorrt",
+    json_path: JsonOpt = None,
+) -> None:
+    """Would TensorRT build this ONNX? Nodes its parser would not take (with the fix) and plugins the engine needs.
+
+    Checks every node against TensorRT 11's ONNX operator table (tod_deploy/trt/onnx_support.json, with its
+    source) and the restrictions that bite detectors (TopK's K <= 3840, NMS's 5000-box limit, Resize/GridSample/
+    RoiAlign modes, DeformConv pads, Q/DQ zero points). Runs without TensorRT. Exit status 0: it would build
+    (warnings are printed but do not fail); 1: some node would not; 2: unreadable file or unknown target.
+    """
+    from tod_deploy.trt.support import check_model, check_tables, summary_line
+
+    report = check_model(model, target)
+    for table in check_tables(report):
+        out.print(table)
+    out.print(summary_line(report))
+    write_json(json_path, report.to_dict())
+    if not report.ok:
+        sys.exit(1)
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[Path, typer.Option(help="COCO-format annotation JSON (images, annotations, categories).")],
+    images: Annotated[Path, typer.Option(help="Folder holding the images named in --data.")],
+    model: Annotated[
+        Path | None, typer.Argument(help="An .onnx written by tod-deploy export (its .json beside it).")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", "-m", help="Evaluate this method's PyTorch model instead of a file.")
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated: torch, onnxruntime (default: onnxruntime for a file, torch for --method)."),
+    ] = None,
+    class_agnostic: Annotated[
+        bool, typer.Option(help="Score boxes whatever their label (e.g. random-weight models on a 1-class set).")
+    ] = False,
+    max_images: Annotated[int | None, typer.Option(help="Evaluate only the first N images of --data.")] = None,
+    max_dets: Annotated[int, typer.Option(help="Detections per image that count (COCO maxDets).")] = 100,
+    checkpoint: CheckpointOpt = None,
+    input_size: Annotated[str | None, typer.Option(help="HEIGHTxWIDTH for --method (a file fixes its own).")] = None,
+    json_path: JsonOpt = None,
+    plot: Annotated[Path | None, typer.Option(help="Also draw a bar plot of the table to this PNG file.")] = None,
+) -> None:
+    """Tiny-object AP (AP, AP50, AP75 and the AI-TOD bins vt/t/s/m) of a model on every backend, in one table."""
+    from tod_deploy.evaluation.report import eval_table, write_plot
+    from tod_deploy.evaluation.run import evaluate_model
+
+    report = evaluate_model(
+        model, data, images, method, backend, max_images, class_agnostic, max_dets, checkpoint, input_size, log=log
+    )
+    out.print(eval_table(report))
+    write_json(json_path, report.to_dict())
+    if plot is not None:
+        log(f"wrote {write_plot(report.results, plot, f'{report.method} on {data.name}: AP per backend (%)')}")
+
+
+dataset_app = typer.Typer(
+    help="Write a data set for tests and demos.", no_args_is_help=True, add_completion=False, rich_markup_mode=None
+)
+app.add_typer(dataset_app, name="make-dataset")
+
+
+@dataset_app.command("synthetic")
+def make_synthetic_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="New folder for images/ and annotations.json.")],
+    images: Annotated[int, typer.Option(help="Number of images.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same files, byte for byte.")] = 0,
+    size: Annotated[str, typer.Option(help="HEIGHTxWIDTH of every image.")] = "512x512",
+    backgrounds: Annotated[
+        Path | None, typer.Option(help="Folder of photos to crop backgrounds from (default: calibration/photos).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a data set already in --out.")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Tiny objects (2-64 px) drawn on real photos, with COCO annotations.
+
+    Object sizes are spread evenly over the AI-TOD bins (very tiny 2-8, tiny 8-16, small 16-32,
+    medium 32-64 px on sqrt(area)); writes OUT/images/*.png and OUT/annotations.json.
+    """
+    from tod_deploy.evaluation.synthetic import generate_synthetic
+    from tod_deploy.recipes import parse_input_size
+
+    result = generate_synthetic(out_dir, images, seed, parse_input_size(size), backgrounds, overwrite=overwrite)
+    bins = ", ".join(f"{name} {count}" for name, count in result.per_bin.items())
+    out.print(f"wrote {result.annotations} and {result.images} images ({result.objects} objects: {bins})")
+    write_json(json_path, result.to_dict())
 
 
 def main() -> None:
