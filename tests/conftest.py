@@ -1,4 +1,4 @@
-"""Shared fixtures: one small ThumbDet export reused by the export, verify, bench and CLI tests."""
+"""Shared fixtures: small exports reused across test modules (ThumbDet: export, verify, bench, CLI; CFINet)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,9 @@ def small_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
 @pytest.fixture(scope="session")
 def small_onnx(small_export: ExportResult) -> Path:
     return small_export.onnx_path
+
+
+@pytest.fixture(scope="session")
+def small_cfinet(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    out = tmp_path_factory.mktemp("cfinet")
+    return export_model("cfinet", out, overrides={"input_size": "256x256", "top_k": 100}, log=lambda _line: None)

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from torchvision.ops import box_iou, deform_conv2d
 
 from tod_deploy.errors import UserError
-from tod_deploy.export.pipeline import ExportResult, export_model
+from tod_deploy.export.pipeline import ExportResult
 from tod_deploy.models import build_deploy_model, build_training_model, parameter_count
 from tod_deploy.nn.heads.crpn import anchor_offsets
 from tod_deploy.nn.heads.crpn_loss import assign_by_area, positive_iou_thresholds
@@ -32,11 +32,6 @@ def quiet(_line: str) -> None:
 
 def recipe(**model: object):
     return load_recipe("cfinet", overrides={**SMALL, "model": dict(model)})
-
-
-@pytest.fixture(scope="module")
-def small_cfinet(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    return export_model("cfinet", tmp_path_factory.mktemp("cfinet"), overrides=SMALL, log=quiet)
 
 
 def test_recipe_follows_the_public_config() -> None:

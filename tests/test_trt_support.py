@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tod_deploy.errors import UserError
-from tod_deploy.export.pipeline import export_model
+from tod_deploy.export.pipeline import ExportResult, export_model
 from tod_deploy.trt.support import TABLE_FILE, check_model, load_table
 
 RPN = {"rpn_nms_pre": 300, "rpn_max_per_img": 200}
@@ -37,9 +37,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="session")
-def exports(small_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def exports(small_onnx: Path, small_cfinet: ExportResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("trt_check")
-    paths = {"thumbdet": small_onnx}
+    paths = {"thumbdet": small_onnx, "cfinet": small_cfinet.onnx_path}
     for key, (method, overrides) in EXPORTS.items():
         result = export_model(method, out, overrides=overrides, verify=False, name=key, log=quiet)
         paths[key] = result.onnx_path
@@ -83,7 +83,7 @@ def test_table_names_its_source_and_our_plugin() -> None:
 # -- every method's export --
 
 
-@pytest.mark.parametrize("key", ["thumbdet", "sr_tod", "dfr_plugin", "dfr_decompose", "bh"])
+@pytest.mark.parametrize("key", ["thumbdet", "sr_tod", "dfr_plugin", "dfr_decompose", "bh", "cfinet"])
 def test_exports_need_exactly_their_tod_nodes_as_plugins(exports: dict[str, Path], key: str) -> None:
     model = onnx.load(str(exports[key]), load_external_data=False)
     tod_nodes = [n.name for n in model.graph.node if n.domain == "tod"]
@@ -103,7 +103,11 @@ def test_exports_need_exactly_their_tod_nodes_as_plugins(exports: dict[str, Path
     # Small inputs keep every NMS under TensorRT's 5000-box limit: no warnings either.
     assert report.warnings == []
     ops = {r.op_type for r in report.rows}
-    expected = {"thumbdet": {"GridSample", "TopK"}, "sr_tod": {"Sign", "RoiAlign", "NonMaxSuppression", "TopK"}}
+    expected = {
+        "thumbdet": {"GridSample", "TopK"},
+        "sr_tod": {"Sign", "RoiAlign", "NonMaxSuppression", "TopK"},
+        "cfinet": {"DeformConv", "RoiAlign", "NonMaxSuppression", "TopK"},
+    }
     assert expected.get(key, {"NonMaxSuppression", "TopK"}) <= ops
     k_values = [int(r.detail.split("=")[1]) for r in report.rows if r.op_type == "TopK"]
     assert k_values and max(k_values) <= 3840
