@@ -3,6 +3,8 @@
 1. BH-ResNet50 Faster R-CNN at 640x512: onnxruntime CPU vs PyTorch eager (issue 5 target >= 1.3x).
 2. BH-ResNet50 vs ResNet50, backbone alone, both onnxruntime at 640x512: equal multiply-adds,
    different shapes (more work at high resolution, fewer channels) - where does the time go?
+3. The answer: onnxruntime's profiler, Conv time per output stride (4/8/16/32) beside the
+   multiply-adds done there, so each stride's efficiency (G multiply-adds per second) shows.
 
 Usage: python benchmarks/bh_speed.py [--iters 10] [--json FILE]
 """
@@ -41,6 +43,42 @@ def backbone_onnx(name: str, h: int, w: int) -> onnx.ModelProto:
     return proto
 
 
+def conv_profile(model: onnx.ModelProto, images: np.ndarray, threads: int, runs: int) -> dict[int, dict[str, float]]:
+    """Per output stride: Conv milliseconds per run (onnxruntime profiler) and multiply-adds."""
+    import onnxruntime as ort
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    macs_by_node = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.output[0] in shapes:
+            _, c_out, h, w = shapes[node.output[0]]
+            _, c_in, kh, kw = weights[node.input[1]]
+            macs_by_node[node.name] = (images.shape[2] // h, c_out * h * w * c_in * kh * kw)
+    options = ort.SessionOptions()
+    options.enable_profiling, options.intra_op_num_threads = True, threads
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for _ in range(runs):
+        session.run(None, {name: images})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_stride: dict[int, dict[str, float]] = {}
+    for stride, macs in macs_by_node.values():
+        per_stride.setdefault(stride, {"ms": 0.0, "gmacs": 0.0})["gmacs"] += macs / 1e9
+    # onnxruntime renames the Conv nodes it fuses (Conv+ReLU, NCHWc blocking): find each one's
+    # stride from its output shape instead of its name
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") != "Node" or args.get("op_name") not in ("Conv", "FusedConv"):
+            continue
+        dims = next(iter(args["output_type_shape"][0].values()))
+        stride = images.shape[2] // dims[2]
+        per_stride.setdefault(stride, {"ms": 0.0, "gmacs": 0.0})["ms"] += event["dur"] / 1000 / runs
+    return dict(sorted(per_stride.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=10)
@@ -55,19 +93,27 @@ def main() -> None:
 
     log("2) backbones alone in onnxruntime")
     images = np.random.default_rng(0).random((1, 3, 512, 640), dtype=np.float32)
-    runners = {name: OnnxRuntimeRunner(backbone_onnx(name, 512, 640), threads) for name in ("bh_resnet50", "resnet50")}
+    protos = {name: backbone_onnx(name, 512, 640) for name in ("bh_resnet50", "resnet50")}
+    runners = {name: OnnxRuntimeRunner(proto, threads) for name, proto in protos.items()}
     timings = time_interleaved({k: (lambda r=r: r.run(images)) for k, r in runners.items()}, 1, 2, args.iters, None)
     stats = {name: t.stats() for name, t in timings.items()}
     ratio = stats["bh_resnet50"]["median_ms"] / stats["resnet50"]["median_ms"]
+    log("3) Conv time per output stride (onnxruntime profiler)")
+    profiles = {name: conv_profile(proto, images, threads, args.iters) for name, proto in protos.items()}
     for name, s in report.results.items():
         print(f"BH-ResNet50 Faster R-CNN {name:12s} median {s['median_ms']:8.1f} ms  {s['fps']:6.2f} FPS")
     print(f"onnxruntime / torch FPS                     {report.ratios()['onnxruntime']:6.2f}x")
     for name, s in stats.items():
         print(f"backbone {name:12s} onnxruntime median {s['median_ms']:7.1f} ms")
     print(f"BH-ResNet50 / ResNet50 backbone latency     {ratio:6.2f}x (equal multiply-adds: 26.7 G)")
+    for name, profile in profiles.items():
+        for stride, p in profile.items():
+            rate = p["gmacs"] / (p["ms"] / 1000) if p["ms"] else float("nan")
+            print(f"{name:12s} stride {stride:2d}: Conv {p['ms']:7.1f} ms  {p['gmacs']:6.2f} G  {rate:6.1f} G/s")
     if args.json:
-        args.json.write_text(json.dumps({"ort_vs_torch": report.to_dict(), "backbones": stats, "latency_ratio": ratio},
-                                        indent=2) + "\n")  # fmt: skip
+        result = {"ort_vs_torch": report.to_dict(), "backbones": stats, "latency_ratio": ratio}
+        result["conv_by_stride"] = profiles
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
