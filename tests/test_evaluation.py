@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from tod_deploy.errors import UserError
 from tod_deploy.evaluation.coco_eval import (
@@ -23,6 +25,7 @@ from tod_deploy.evaluation.coco_eval import (
     evaluate_detections,
 )
 from tod_deploy.evaluation.datasets import load_coco, load_image
+from tod_deploy.evaluation.run import evaluate_model
 from tod_deploy.evaluation.synthetic import generate_synthetic
 
 # ----------------------------------------------------------------------------- helpers
@@ -352,3 +355,36 @@ def test_eval_nan_model_output_is_one_line(small_onnx: Path, tiny_set: Path, tmp
     proc = run("eval", str(nan_model), "--data", str(tiny_set / "annotations.json"), "--images",
                str(tiny_set / "images"), "--class-agnostic", "--max-images", "1")  # fmt: skip
     assert_one_line_error(proc, "NaN/Inf scores", "onnxruntime")
+
+
+def _variant(source: Path, folder: Path, precision: str, box_shift: float | None) -> Path:
+    """A copy of an export whose sidecar names a precision, optionally with the last box layer's bias
+    shifted (random-weight DETR boxes hardly depend on the image, so its input would not do)."""
+    model = onnx.load(str(source))
+    if box_shift is not None:
+        bias = next(t for t in model.graph.initializer if t.name.endswith("bbox_embed.5.layers.2.bias"))
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + box_shift, bias.name))
+    folder.mkdir()
+    path = folder / f"model.{precision}.onnx"
+    onnx.save(model, str(path))
+    sidecar = json.loads(source.with_suffix(".json").read_text()) | {"precision": precision}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path
+
+
+def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: Path) -> None:
+    """--compare adds onnxruntime rows named by precision; --fidelity scores them against the FP32 row."""
+    same = _variant(small_onnx, tmp_path / "a", "same", None)
+    perturbed = _variant(small_onnx, tmp_path / "b", "perturbed", 0.5)
+    report = evaluate_model(
+        small_onnx, tiny_set / "annotations.json", tiny_set / "images", backends="onnxruntime", class_agnostic=True,
+        log=lambda _l: None, compare=[same, perturbed], fidelity_min_score=0.0,
+    )  # fmt: skip
+    assert list(report.results) == ["onnxruntime", "onnxruntime same", "onnxruntime perturbed"]
+    assert report.fidelity_reference == "onnxruntime" and list(report.fidelity) == list(report.results)[1:]
+    assert report.fidelity["onnxruntime same"]["AP50"] > 0.99
+    assert report.fidelity["onnxruntime perturbed"]["AP50"] < 0.9
+    assert report.to_dict()["fidelity"]["results"]["onnxruntime same"]["AP"] > 0.99
+    with pytest.raises(UserError, match="no detection scoring 1.01"):
+        evaluate_model(small_onnx, tiny_set / "annotations.json", tiny_set / "images", class_agnostic=True,
+                       log=lambda _l: None, compare=[same], fidelity_min_score=1.01)  # fmt: skip

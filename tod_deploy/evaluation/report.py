@@ -50,6 +50,23 @@ def eval_table(report: EvalReport) -> Table:
     return table
 
 
+def fidelity_table(report: EvalReport) -> Table | None:
+    """Agreement of each row with the reference row (its detections taken as ground truth)."""
+    if not report.fidelity:
+        return None
+    table = Table(
+        title=f"deployment fidelity: agreement with {report.fidelity_reference} "
+        f"(its detections with score >= {report.fidelity_min_score:g} as ground truth)",
+        caption="AP % of each row scored against the reference's boxes; 100 = reproduces it",
+    )
+    table.add_column("row")
+    for metric in TABLE_METRICS:
+        table.add_column(metric, justify="right")
+    for row, metrics in report.fidelity.items():
+        table.add_row(row, *(_fmt(metrics[m]) for m in TABLE_METRICS))
+    return table
+
+
 def _font(size: int) -> Any:
     from PIL import ImageFont
 

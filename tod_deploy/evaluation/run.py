@@ -1,5 +1,10 @@
 """``eval``: one model on every requested backend over a COCO data set, scored with the same AP code.
 
+Other exports of the same model (``--compare``: its FP16 or INT8 files) join as extra onnxruntime
+rows, and ``--fidelity`` scores every row against the FP32 onnxruntime row's detections taken as
+ground truth: deployment fidelity, which needs no labels and shows what a precision change costs
+on the same weights.
+
 Each image is read once, letterboxed into the model's input (``datasets.load_image``), and fed
 to every backend; the detection contract (DESIGN.md section 4) comes back, rows past
 ``num_dets`` are dropped, boxes are mapped to the original image's pixels and labels to the data
@@ -17,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tod_deploy.errors import UserError
-from tod_deploy.evaluation.coco_eval import category_lookup, evaluate_detections
+from tod_deploy.evaluation.coco_eval import category_lookup, detections_as_ground_truth, evaluate_detections
 from tod_deploy.evaluation.datasets import Letterbox, load_coco, load_image
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -38,6 +43,10 @@ class EvalReport:
     seconds: dict[str, float] = field(default_factory=dict)
     # Per backend: [{image_id, category_id, bbox, score}], original pixels (not in the JSON: it can be large).
     detections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Per row other than the reference: metrics against the reference row's detections as ground truth.
+    fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fidelity_reference: str | None = None
+    fidelity_min_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +62,13 @@ class EvalReport:
             "s [16,32), m [32,64) px; coco_AP* use COCO's areas; null = no ground truth in that range",
             "results": self.results,
             "seconds": self.seconds,
+            "fidelity": {
+                "reference": self.fidelity_reference,
+                "min_score": self.fidelity_min_score,
+                "results": self.fidelity,
+            }
+            if self.fidelity_reference
+            else None,
         }
 
 
@@ -142,6 +158,28 @@ def load_model(
     return LoadedModel(name, recipe.method, (int(size[0]), int(size[1])), num_classes, runners)
 
 
+def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str, Any]:
+    """onnxruntime rows for other exports of the model (e.g. FP16 / INT8), named by their precision."""
+    from tod_deploy.export.pipeline import read_sidecar
+    from tod_deploy.runtimes import OnnxRuntimeRunner, load_onnx
+
+    runners: dict[str, Any] = {}
+    for path in paths:
+        onnx_model = load_onnx(path)
+        size = _static_input_size(onnx_model, path)
+        if size is not None and size != input_size:
+            raise UserError(
+                f"{path.name} takes {size[0]}x{size[1]} images, the evaluated model {input_size[0]}x{input_size[1]}",
+                "compare exports of the same model",
+            )
+        label = str(read_sidecar(path).get("precision") or path.stem)
+        name = f"onnxruntime {label}"
+        if name in runners:
+            raise UserError(f"two compared models are both {label!r}", "compare each precision once")
+        runners[name] = OnnxRuntimeRunner(onnx_model)
+    return runners
+
+
 def _tensorrt_unavailable() -> None:
     from tod_deploy.trt.runtime import require_tensorrt
 
@@ -190,9 +228,17 @@ def evaluate_model(
     checkpoint: Path | None = None,
     input_size: str | None = None,
     log: Log = print,
+    compare: list[Path] | None = None,
+    fidelity_min_score: float | None = None,
 ) -> EvalReport:
+    """``fidelity_min_score``: when set, also score every row against the reference row's
+    detections at or above that score (the FP32 onnxruntime row, else the first row)."""
     coco = load_coco(data, images_dir, max_images)  # check the data before the (slow) model build
     loaded = load_model(model_path, method, backends, checkpoint, input_size, log)
+    if compare:
+        if model_path is None:
+            raise UserError("--compare needs a model file to compare with", "pass the FP32 .onnx as the model")
+        loaded.runners |= compare_runners(compare, loaded.input_size)
     to_category = category_lookup(loaded.num_classes, coco.categories, class_agnostic)
     report = EvalReport(
         loaded.name, loaded.method, loaded.input_size, str(data), str(images_dir), len(coco.images),
@@ -220,4 +266,23 @@ def evaluate_model(
         report.results[backend] = evaluate_detections(subset, dets, class_agnostic, max_dets)
     report.seconds = {b: round(s, 3) for b, s in seconds.items()}
     report.detections = detections
+    if fidelity_min_score is not None:
+        score_fidelity(report, subset, fidelity_min_score)
     return report
+
+
+def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
+    """Each row against the reference row's confident detections, as if they were the labels."""
+    rows = list(report.detections)
+    reference = "onnxruntime" if "onnxruntime" in rows else rows[0]
+    truth = detections_as_ground_truth(subset, report.detections[reference], min_score)
+    if not truth["annotations"]:
+        raise UserError(
+            f"{reference} has no detection scoring {min_score:g} or more to use as ground truth",
+            "lower --fidelity-score (random-weight models score low)",
+        )
+    report.fidelity_reference, report.fidelity_min_score = reference, min_score
+    for row in rows:
+        if row != reference:
+            report.fidelity[row] = evaluate_detections(truth, report.detections[row], report.class_agnostic,
+                                                       report.max_dets)  # fmt: skip
