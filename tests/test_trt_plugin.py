@@ -146,7 +146,15 @@ def test_packed_weights_shape_is_what_the_plugin_reads() -> None:
 
 @pytest.mark.parametrize(
     ("capability", "arch"),
-    [((7, 5), "sm_75"), ((8, 6), "sm_75"), ((8, 7), "sm_87"), ((8, 9), "sm_87"), ((9, 0), "sm_90"), ((12, 0), "sm_90")],
+    [
+        ((7, 5), "sm_75"),
+        ((8, 0), "sm_80"),
+        ((8, 6), "sm_80"),
+        ((8, 7), "sm_87"),
+        ((8, 9), "sm_87"),
+        ((9, 0), "sm_90"),
+        ((12, 0), "sm_90"),
+    ],
 )
 def test_ptx_target_for_a_device(capability: tuple[int, int], arch: str) -> None:
     assert pick_arch(capability) == arch

@@ -62,7 +62,9 @@ THREADS = 128
 BLOCK_M = 32
 BLOCK_N = 32
 
-TARGET_ARCHS = ("sm_75", "sm_87", "sm_90")
+# sm_75 (Turing, T4): XOR MMA; sm_80 (A100, and by PTX JIT Ampere/Ada GPUs): AND MMA; sm_87 (Jetson
+# Orin) and sm_90 (Hopper): AND MMA. A device runs the newest target not above its compute capability.
+TARGET_ARCHS = ("sm_75", "sm_80", "sm_87", "sm_90")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PLUGIN_DIR = REPO_ROOT / "plugins" / "binary_conv2d"
