@@ -341,3 +341,24 @@ def test_threshold_bits_round_trip(value: float) -> None:
     assert -(2**31) <= bits < 2**31
     decoded = np.array([bits], dtype=np.int32).view(np.float32)[0]
     assert decoded.tobytes() == np.float32(value).tobytes()
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_87"])
+def test_nvrtc_builds_the_same_kernel(arch: str, tmp_path: Path) -> None:
+    """GPU machines often have TensorRT and cuda-python but no nvcc: NVRTC must build the same kernel."""
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python (NVRTC bindings) is not installed")
+    try:
+        ptx = kernels.compile_ptx_nvrtc(kernels._compute_arch(arch))
+    except UserError as exc:  # the bindings without libnvrtc
+        pytest.skip(f"NVRTC is not usable here: {exc}")
+    assert re.search(rf"^\.target {arch}\b", ptx, re.M)
+    pointers, ints = len(kernels.KERNEL_INPUTS), len(kernels.KERNEL_INT_ARGS)
+    assert entry_params(ptx) == ["u64"] * pointers + ["u32"] * ints + ["u64"] * len(kernels.KERNEL_OUTPUTS)
+    want, other = ("xor", "and") if arch == "sm_75" else ("and", "xor")
+    assert MMA[want] in ptx and MMA[other] not in ptx and "fma.rn.f32" not in ptx
+    ptxas = Path(kernels.find_nvcc() or "/nonexistent").with_name("ptxas")
+    if ptxas.is_file():
+        (tmp_path / "k.ptx").write_text(ptx)
+        result = subprocess.run([str(ptxas), f"-arch={arch}", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr

@@ -17,7 +17,16 @@
 #ifndef TOD_BINARY_CONV2D_CORE_H_
 #define TOD_BINARY_CONV2D_CORE_H_
 
+#if defined(__CUDACC_RTC__)
+// NVRTC (run-time compilation, what a GPU machine without nvcc uses) has no C headers.
+typedef unsigned char uint8_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
 
 #if defined(__CUDACC__)
 #define TOD_HD __host__ __device__ __forceinline__

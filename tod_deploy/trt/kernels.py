@@ -211,10 +211,11 @@ def _first_error(output: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _compile(arch: str, digest: str) -> str:
-    """nvcc --ptx for one arch; cached in-process by source digest, so an edited source recompiles."""
+    """PTX for one arch with nvcc, or NVRTC where there is no nvcc (a GPU machine with TensorRT and
+    cuda-python but no CUDA toolkit); cached in-process by source digest, so an edited source recompiles."""
     nvcc = find_nvcc()
     if nvcc is None:
-        raise UserError("nvcc was not found (PATH, $CUDA_HOME/bin)", "install the CUDA toolkit or put nvcc on PATH")
+        return compile_ptx_nvrtc(arch)
     with tempfile.TemporaryDirectory(prefix="tod_ptx_") as tmp:
         out = Path(tmp) / f"{KERNEL_NAME}_{arch}.ptx"
         cmd = [nvcc, "--ptx", f"-arch={arch}", "-O3", "-std=c++17", f"-I{PLUGIN_DIR}", str(CUDA_SOURCE), "-o", str(out)]
@@ -225,6 +226,42 @@ def _compile(arch: str, digest: str) -> str:
                 f"fix the CUDA source; reproduce with: {' '.join(cmd)}",
             )
         return out.read_text()
+
+
+def compile_ptx_nvrtc(arch: str) -> str:
+    """The same PTX through NVRTC (cuda-python's ``cuda.bindings.nvrtc``); the core header builds
+    without C headers under ``__CUDACC_RTC__``."""
+    try:
+        from cuda.bindings import nvrtc  # noqa: PLC0415 - optional (the gpu extra)
+    except ImportError as exc:
+        raise UserError(
+            "neither nvcc nor NVRTC is available to compile the BinaryConv2d kernel",
+            "install the CUDA toolkit (nvcc) or cuda-python (pip install 'tod-deploy[gpu]')",
+        ) from exc
+
+    def check(result: tuple, what: str) -> tuple:
+        if result[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise UserError(f"NVRTC failed to {what} ({result[0]})", "check the CUDA installation (libnvrtc)")
+        return result[1:]
+
+    (program,) = check(nvrtc.nvrtcCreateProgram(CUDA_SOURCE.read_bytes(), CUDA_SOURCE.name.encode(), 0, [], []),
+                       "create a program")  # fmt: skip
+    options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", f"--include-path={PLUGIN_DIR}".encode(),
+               f"--include-path={CUDA_DIR}".encode()]  # fmt: skip
+    (status,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+    if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        (size,) = check(nvrtc.nvrtcGetProgramLogSize(program), "read its log")
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(program, log)
+        raise UserError(
+            f"NVRTC could not compile {CUDA_SOURCE.name} for {arch}: {_first_error(log.decode(errors='replace'))}",
+            "fix the CUDA source",
+        )
+    (size,) = check(nvrtc.nvrtcGetPTXSize(program), "size the PTX")
+    ptx = b" " * size
+    check((nvrtc.nvrtcGetPTX(program, ptx)[0], None), "read the PTX")
+    nvrtc.nvrtcDestroyProgram(program)
+    return ptx.rstrip(b"\0").decode()
 
 
 def compile_ptx(arch: str) -> str:
