@@ -1,0 +1,200 @@
+"""What each node of an exported detector is, as far as precision goes.
+
+Both precision passes need the same map of the graph:
+
+* quantizable layers: ``Conv``, ``MatMul``, ``Gemm`` of the default domain (what INT8 Q/DQ wraps);
+* the stem: the first of them (it sees raw pixels, where one quantization step is widest);
+* the last layer of each head: a layer from whose output some path reaches a graph output or a
+  named raw/parity tensor without passing through another layer (class and box predictors, the
+  RPN's maps, SR-TOD's reconstruction output);
+* the post-processing tail: every node on those paths (box decoding, Exp/Log, anchor arithmetic,
+  sigmoid/softmax, score thresholds, TopK, NonMaxSuppression, RoiAlign's coordinates, the
+  Gather/Concat bookkeeping around them);
+* ``tod`` domain nodes (1-bit convolutions), which only run in FP32.
+
+Shape-only paths (``Shape``/``Size``) carry no values, so they do not make a backbone layer "last".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+import onnx
+
+from tod_deploy.errors import UserError
+
+QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+SHAPE_OPS = ("Shape", "Size")
+CUSTOM_DOMAIN = "tod"
+
+
+def is_layer(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type in QUANTIZABLE_OPS
+
+
+def is_custom(node: onnx.NodeProto) -> bool:
+    return node.domain == CUSTOM_DOMAIN
+
+
+def end_tensors(model: onnx.ModelProto) -> set[str]:
+    """Graph outputs plus the raw/parity tensors named in the export's metadata (dense head outputs)."""
+    names = {o.name for o in model.graph.output}
+    for prop in model.metadata_props:
+        if prop.key in ("raw_tensors", "parity_tensors"):
+            try:
+                names.update(str(n) for n in json.loads(prop.value))
+            except (json.JSONDecodeError, TypeError):
+                continue
+    produced = {t for node in model.graph.node for t in node.output}
+    return {n for n in names if n in produced}
+
+
+@dataclass
+class GraphRoles:
+    layers: list[str] = field(default_factory=list)  # quantizable nodes, graph order
+    stem: str | None = None
+    last_layers: list[str] = field(default_factory=list)
+    tail: list[str] = field(default_factory=list)  # post-processing nodes, graph order
+    custom: list[str] = field(default_factory=list)  # tod-domain nodes
+    threshold_branch: list[str] = field(default_factory=list)  # layers whose every path out goes through Sign
+    op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type (all nodes)
+
+    def default_fp32(self) -> dict[str, list[str]]:
+        """Quantizable layers INT8 keeps in FP32 by default, by reason."""
+        return {
+            "stem": [self.stem] if self.stem else [],
+            "last layer of a head": list(self.last_layers),
+            "feeds a threshold (Sign)": list(self.threshold_branch),
+        }
+
+
+def graph_roles(model: onnx.ModelProto) -> GraphRoles:
+    nodes = list(model.graph.node)
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names) or any(not n for n in names):
+        raise UserError(
+            "the ONNX graph has unnamed or duplicate node names (needed to select layers)",
+            "re-export it with tod-deploy export, which names every node",
+        )
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in nodes:
+        for t in node.input:
+            if t:
+                consumers[t].append(node)
+    ends = end_tensors(model)
+    roles = GraphRoles(op_types={n.name: n.op_type for n in nodes})
+    roles.layers = [n.name for n in nodes if is_layer(n)]
+    roles.custom = [n.name for n in nodes if is_custom(n)]
+    roles.stem = roles.layers[0] if roles.layers else None
+    tail: set[str] = set()
+    for node in nodes:
+        if not is_layer(node):
+            continue
+        reached, reaches_end = _downstream(node, consumers, ends)
+        if reaches_end:
+            roles.last_layers.append(node.name)
+            tail |= reached
+    roles.tail = [n.name for n in nodes if n.name in tail]
+    roles.threshold_branch = _threshold_branch(nodes, consumers, {o.name for o in model.graph.output})
+    return roles
+
+
+def _threshold_branch(
+    nodes: list[onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]], outputs: set[str]
+) -> list[str]:
+    """Layers that reach the graph outputs only through a ``Sign`` (a hard threshold, e.g. SR-TOD's mask).
+
+    Their error moves a threshold's input: INT8 steps (~1% of the range) flip SR-TOD's difference-map
+    mask (threshold 3/255) wholesale, so these layers stay in FP32 by default.
+    """
+    if not any(n.op_type == "Sign" for n in nodes):
+        return []
+
+    def reaches(start: onnx.NodeProto, through_sign: bool) -> bool:
+        queue = deque(t for t in start.output if t)
+        seen = set(queue)
+        while queue:
+            tensor = queue.popleft()
+            if tensor in outputs:
+                return True
+            for node in consumers.get(tensor, ()):
+                if node.op_type in SHAPE_OPS or (node.op_type == "Sign" and not through_sign):
+                    continue
+                for out in node.output:
+                    if out and out not in seen:
+                        seen.add(out)
+                        queue.append(out)
+        return False
+
+    return [n.name for n in nodes if is_layer(n) and not reaches(n, False) and reaches(n, True)]
+
+
+def _downstream(
+    start: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]], ends: set[str]
+) -> tuple[set[str], bool]:
+    """Nodes reached from ``start``'s outputs without crossing a layer, a tod node or a shape op."""
+    reached: set[str] = set()
+    reaches_end = any(t in ends for t in start.output)
+    queue = deque(t for t in start.output if t)
+    seen_tensors: set[str] = set(queue)
+    while queue:
+        tensor = queue.popleft()
+        for node in consumers.get(tensor, ()):
+            if is_layer(node) or is_custom(node) or node.op_type in SHAPE_OPS or node.name in reached:
+                continue
+            reached.add(node.name)
+            for out in node.output:
+                if not out or out in seen_tensors:
+                    continue
+                seen_tensors.add(out)
+                reaches_end = reaches_end or out in ends
+                queue.append(out)
+    return reached, reaches_end
+
+
+def match_patterns(patterns: list[str], names: list[str]) -> dict[str, list[str]]:
+    """Node names each regex matches (``re.search``); a bad regex or one matching nothing is a UserError.
+
+    A pattern matching no node is refused rather than warned about: a typo would otherwise quantize
+    the very layer the user meant to keep in FP32, silently.
+    """
+    out: dict[str, list[str]] = {}
+    for pattern in patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            problem = f"--exclude {pattern!r} is not a valid regular expression ({exc})"
+            raise UserError(problem, "fix the pattern") from exc
+        hits = [n for n in names if rx.search(n)]
+        if not hits:
+            example = ", ".join(names[:3])
+            raise UserError(
+                f"--exclude {pattern!r} matches no node name",
+                f"patterns match node names such as {example} (see `tod-deploy quantize --report`)",
+            )
+        out[pattern] = hits
+    return out
+
+
+def float_tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor onnx's shape inference (plus Cast attributes) can name."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types: dict[str, int] = {}
+    for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in inferred.graph.initializer:
+        types[init.name] = init.data_type
+    for node in inferred.graph.node:
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to is not None:
+                types[node.output[0]] = to
+        elif node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                types[node.output[0]] = value.data_type
+    return types

@@ -1,0 +1,173 @@
+"""INT8: explicit QuantizeLinear/DequantizeLinear around Conv/MatMul/Gemm, as TensorRT 11 wants them.
+
+onnxruntime's QDQ quantizer writes the nodes (``quantize_static``, QuantFormat.QDQ): int8
+activations and weights, both symmetric (zero point 0, which TensorRT requires), weights per
+output channel, biases left in float (TensorRT's DequantizeLinear takes no int32; it fuses the
+float bias into the INT8 convolution itself). The ranges are computed once by
+:func:`tod_deploy.quant.calibration.compute_ranges` and handed to the quantizer through its
+calibration cache, so the per-layer sensitivity pass and the final model share one calibration.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from tod_deploy.errors import UserError
+from tod_deploy.export.passes import IR_VERSION
+from tod_deploy.quant.graph import QUANTIZABLE_OPS
+
+CALIBRATION_METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def qdq_quantize(
+    model: onnx.ModelProto,
+    ranges: Any,
+    nodes_to_exclude: list[str] | None = None,
+    nodes_to_quantize: list[str] | None = None,
+    keep_float_inputs: list[str] | None = None,
+) -> onnx.ModelProto:
+    """A Q/DQ copy of ``model`` from precomputed ranges (onnxruntime TensorsData).
+
+    ``keep_float_inputs``: nodes that must read unquantized tensors (see :func:`unquantize_inputs`).
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        import onnxruntime
+
+        raise UserError(
+            f"onnxruntime {onnxruntime.__version__} cannot quantize from precomputed ranges",
+            "upgrade it (tod-deploy's INT8 is verified with onnxruntime 1.31): pip install -U onnxruntime",
+        )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs "consider pre-processing" warnings on the root logger
+    with tempfile.TemporaryDirectory(prefix="tod-quant-") as tmp:
+        cache, out = Path(tmp) / "ranges.json", Path(tmp) / "model.int8.onnx"
+        save_tensors_data(ranges, cache)
+        try:
+            quantize_static(
+                model,
+                str(out),
+                None,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZABLE_OPS),
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=nodes_to_quantize or None,
+                nodes_to_exclude=nodes_to_exclude or None,
+                calibrate_method=ranges.calibration_method,
+                # bias stays float: TensorRT dequantizes int8/fp8/fp4/int4 only, not the int32 bias ORT would write
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+                calibration_cache_path=str(cache),
+            )
+        finally:
+            root.setLevel(level)
+        quantized = onnx.load(str(out))
+    if keep_float_inputs:
+        unquantize_inputs(quantized, set(keep_float_inputs))
+    quantized.ir_version = min(quantized.ir_version, IR_VERSION)
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(model.metadata_props)
+    return quantized
+
+
+def unquantize_inputs(model: onnx.ModelProto, names: set[str]) -> int:
+    """Make the ``names`` nodes read the float tensors themselves, not DequantizeLinear(QuantizeLinear(x)).
+
+    The quantizer puts one Q/DQ pair on a tensor and hands its output to every consumer, so a node
+    kept in FP32 (a tod node, an excluded layer, post-processing) that shares an input with a quantized
+    layer would still see the rounded values. Returns the number of inputs rewired; Q/DQ nodes left
+    without consumers are removed.
+    """
+    producer = {t: n for n in model.graph.node for t in n.output}
+    rewired = 0
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        for i, tensor in enumerate(node.input):
+            dq = producer.get(tensor)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                continue  # a quantized weight: only layers have those, and kept layers were not quantized
+            node.input[i] = q.input[0]
+            rewired += 1
+    while True:
+        used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        dead = [n for n in dead if not any(t in used for t in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    used = {t for n in model.graph.node for t in n.input}
+    unused = [i for i in model.graph.initializer if i.name not in used]
+    for init in unused:
+        model.graph.initializer.remove(init)
+    return rewired
+
+
+@dataclass
+class QdqSummary:
+    quantize_nodes: int = 0
+    dequantize_nodes: int = 0
+    quantized_layers: list[str] = field(default_factory=list)  # layers reading a DequantizeLinear output
+    nonzero_zero_points: list[str] = field(default_factory=list)
+    scales: dict[str, list[float]] = field(default_factory=dict)  # scale initializer -> values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quantize_nodes": self.quantize_nodes,
+            "dequantize_nodes": self.dequantize_nodes,
+            "quantized_layers": len(self.quantized_layers),
+            "nonzero_zero_points": self.nonzero_zero_points,
+        }
+
+
+def qdq_summary(model: onnx.ModelProto) -> QdqSummary:
+    """Which layers read dequantized inputs, the zero points (all must be 0) and every scale."""
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {
+        n.output[0]: next(a.t for a in n.attribute if a.name == "value")
+        for n in model.graph.node
+        if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)
+    }
+    tensors = {**consts, **inits}
+    summary = QdqSummary()
+    dq_outputs = set()
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if node.op_type == "QuantizeLinear":
+            summary.quantize_nodes += 1
+        else:
+            summary.dequantize_nodes += 1
+            dq_outputs.add(node.output[0])
+        scale = node.input[1]
+        if scale in tensors:
+            summary.scales[scale] = numpy_helper.to_array(tensors[scale]).astype(np.float64).ravel().tolist()
+        if len(node.input) > 2 and node.input[2]:
+            zp = tensors.get(node.input[2])
+            if zp is not None and np.any(numpy_helper.to_array(zp) != 0):
+                summary.nonzero_zero_points.append(node.input[2])
+    # A layer computes in INT8 when its data and weight inputs (0 and 1) are both dequantized; a layer
+    # kept in FP32 may still read a dequantized activation that it shares with a quantized neighbour.
+    summary.quantized_layers = [
+        n.name
+        for n in model.graph.node
+        if n.op_type in QUANTIZABLE_OPS and len(n.input) > 1 and all(t in dq_outputs for t in n.input[:2])
+    ]
+    return summary

@@ -1,0 +1,344 @@
+"""The quantize step end to end: FP32 export -> FP16 or INT8 ONNX + sidecar, and how far it moved.
+
+model.onnx (+ model.json) -> graph roles -> calibration images -> ranges
+  -> FP16 autocast (fp16.py) or INT8 Q/DQ (int8.py)
+  -> FP32 vs quantized in onnxruntime on seeded inputs (a report, not a gate)
+  -> <stem>.fp16.onnx / <stem>.int8.onnx + sidecar, written together or not at all
+  -> optional per-layer INT8 sensitivity (sensitivity.py)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from tod_deploy.errors import UserError
+from tod_deploy.quant import calibration
+from tod_deploy.quant.graph import GraphRoles, graph_roles, match_patterns
+
+# torch, graph-surgeon and the export modules load inside the functions: a mistake on the command
+# line (bad set, bad image, bad option) is reported before those seconds of imports.
+
+Log = Callable[[str], None]
+PRECISIONS = ("fp16", "int8")
+# Report-only tolerances (shown beside the errors; nothing fails on them) and detection matching.
+TOLERANCES = {"fp16": (1e-2, 1e-2), "int8": (1e-1, 1e-1)}
+MATCHING = {"fp16": (0.9, 0.01), "int8": (0.5, 0.05)}  # (IoU at least, score within)
+PROBE_IMAGES = 2  # FP16 range probe: a couple of calibration samples find the large-range tensors
+
+
+CONTRACT_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
+
+
+@dataclass
+class Comparison:
+    precision: str
+    inputs: int
+    outputs: list[Any] = field(default_factory=list)  # export.verify.OutputParity
+    rel_rms: dict[str, float] = field(default_factory=dict)  # ||got - ref|| / ||ref|| over all inputs
+    detections: Any = None  # export.verify.DetectionAgreement
+
+    def matched_fraction(self) -> float | None:
+        d = self.detections
+        return None if d is None or d.checked == 0 else d.matched / d.checked
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "precision": self.precision,
+            "inputs": self.inputs,
+            "outputs": [asdict(o) | {"rel_rms": self.rel_rms.get(o.name)} for o in self.outputs],
+            "detections": asdict(self.detections) if self.detections else None,
+            "matched_fraction": self.matched_fraction(),
+        }
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    sidecar_path: Path
+    sidecar: dict[str, Any]
+    comparison: Comparison
+    sensitivity: Any = None  # SensitivityReport with --report
+
+
+def compared_tensors(model: onnx.ModelProto, dense_only: bool = False) -> list[str]:
+    """Tensors worth comparing element-wise: the export's parity tensors (dense head maps, before any NMS or
+    top-k) and, unless ``dense_only``, its raw tensors (which may follow NMS, so a reordering counts as error)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    names: list[str] = []
+    for key in ("parity_tensors",) if dense_only else ("parity_tensors", "raw_tensors"):
+        try:
+            names += [str(n) for n in json.loads(meta.get(key, "[]"))]
+        except json.JSONDecodeError:
+            continue
+    produced = {t for n in model.graph.node for t in n.output}
+    return [n for n in dict.fromkeys(names) if n in produced and n not in CONTRACT_OUTPUTS]
+
+
+def compare_models(
+    fp32: onnx.ModelProto, quantized: onnx.ModelProto, sidecar: dict[str, Any], precision: str, seeds=(0, 1, 2)
+) -> Comparison:
+    """FP32 and quantized in onnxruntime on the same seeded inputs: per-tensor errors, detection agreement."""
+    from tod_deploy.export.passes import expose_tensors
+    from tod_deploy.export.pipeline import recipe_of
+    from tod_deploy.export.verify import (
+        DetectionAgreement,
+        OutputParity,
+        agree_detections,
+        compare_arrays,
+        verification_images,
+    )
+    from tod_deploy.runtimes import OnnxRuntimeRunner
+
+    recipe = recipe_of(sidecar)
+    names = compared_tensors(fp32)
+    graph_outputs = [o.name for o in fp32.graph.output]
+    has_contract = all(n in graph_outputs for n in CONTRACT_OUTPUTS)
+    dense = names + [n for n in graph_outputs if n not in CONTRACT_OUTPUTS and n not in names]
+    ref_runner = OnnxRuntimeRunner(expose_tensors(fp32, names))
+    got_runner = OnnxRuntimeRunner(expose_tensors(quantized, names))
+    batch = 1 if recipe.batch == "dynamic" else int(recipe.batch)
+    atol, rtol = TOLERANCES[precision]
+    iou, score_tol = MATCHING[precision]
+    result = Comparison(precision, len(seeds) * batch)
+    agreement = DetectionAgreement(min_iou_required=iou, score_tol=score_tol) if has_contract else None
+    worst: dict[str, OutputParity] = {}
+    squares: dict[str, list[float]] = {}  # name -> [sum (got - ref)^2, sum ref^2]
+    for seed in seeds:
+        images = verification_images(recipe, batch, seed)
+        ref, got = ref_runner.run(images), got_runner.run(images)
+        for name in dense:
+            if ref[name].dtype.kind != "f":
+                continue
+            parity = compare_arrays(name, ref[name], got[name].astype(ref[name].dtype), atol, rtol)
+            if ref[name].shape == got[name].shape:
+                diff = ref[name].astype(np.float64) - got[name].astype(np.float64)
+                acc = squares.setdefault(name, [0.0, 0.0])
+                acc[0] += float(np.sum(diff * diff))
+                acc[1] += float(np.sum(ref[name].astype(np.float64) ** 2))
+            prev = worst.setdefault(name, parity)
+            if prev is not parity:
+                prev.max_abs, prev.max_rel = max(prev.max_abs, parity.max_abs), max(prev.max_rel, parity.max_rel)
+                prev.failing += parity.failing
+                prev.total += parity.total
+        if agreement is not None:
+            agree_detections(ref, got, recipe.score_threshold, agreement)
+    result.outputs = list(worst.values())
+    result.rel_rms = {name: float(np.sqrt(d / max(r, 1e-24))) for name, (d, r) in squares.items()}
+    result.detections = agreement
+    return result
+
+
+def _validate(model_path: Path, precision: str, method: str, calib_size: int | None) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+    if method not in calibration.METHODS:
+        raise UserError(f"unknown calibration method {method!r}", f"use one of: {', '.join(calibration.METHODS)}")
+    if calib_size is not None and calib_size < 1:
+        raise UserError(f"--calib-size {calib_size} is not a number of images", "pass --calib-size 1 or more")
+    if model_path.suffix.lower() != ".onnx":
+        raise UserError(f"{model_path} is not an ONNX file", "pass the .onnx file that tod-deploy export wrote")
+    if not model_path.is_file():
+        raise UserError(f"{model_path} does not exist", "pass the .onnx file that tod-deploy export wrote")
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    """runtimes.load_onnx's checks, without its torch import (errors come before the heavy imports)."""
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:  # DecodeError, ValidationError, ValueError, ... for bad files
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{path} is not a valid ONNX model ({reason})", "re-export it with tod-deploy export") from exc
+    if not model.graph.node:
+        raise UserError(f"{path} is not a valid ONNX model (empty graph)", "re-export it with tod-deploy export")
+    return model
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def quantize_model(
+    model_path: Path,
+    precision: str,
+    calib: Path | str | None = None,
+    calib_size: int | None = None,
+    method: str = "max",
+    exclude: tuple[str, ...] | list[str] = (),
+    seed: int = 0,
+    output: Path | None = None,
+    report: bool = False,
+    report_limit: int | None = None,
+    log: Log = print,
+    show_progress: bool = True,
+) -> QuantizeResult:
+    model_path = Path(model_path)
+    _validate(model_path, precision, method, calib_size)
+    if report and precision != "int8":
+        raise UserError("--report measures INT8 per-layer sensitivity", "use it with --precision int8")
+    if report_limit is not None and report_limit < 1:
+        raise UserError(f"--report-limit {report_limit} is not a number of layers", "pass 1 or more")
+    # The calibration set first: a missing, altered or unreadable image is found before the model loads.
+    cal_set = calibration.read_calibration_set(calibration.resolve_set(calib), decode=True)
+
+    model = _load(model_path)
+    source_precision = next((p.value for p in model.metadata_props if p.key == "precision"), "fp32")
+    if source_precision != "fp32":
+        raise UserError(f"{model_path.name} is already {source_precision}", "quantize the FP32 export instead")
+    roles = graph_roles(model)
+    by_regex = match_patterns(list(exclude), [n.name for n in model.graph.node])
+    regex_nodes = list(dict.fromkeys(n for hits in by_regex.values() for n in hits))
+
+    from tod_deploy.export.artifacts import sidecar_path, staged, write_json
+    from tod_deploy.export.pipeline import read_sidecar, recipe_of
+
+    sidecar = read_sidecar(model_path)
+    recipe = recipe_of(sidecar)
+    batch = 1 if recipe.batch == "dynamic" else int(recipe.batch)
+
+    batches = calibration.calibration_batches(cal_set, recipe.input_size, batch, calib_size, seed)
+    log(f"calibration set {cal_set.folder}: {len(cal_set.files)} images, {len(batches) * batch} samples (seed {seed})")
+
+    ranges = None
+    keep_fp32: dict[str, list[str]] = {}
+    if precision == "fp16":
+        from tod_deploy.quant.fp16 import large_range_nodes, to_fp16
+
+        probe = calibration.compute_ranges(
+            model, batches[:PROBE_IMAGES], "max", None, show_progress, "probing tensor ranges"
+        )
+        big = large_range_nodes(model, probe)
+        keep_fp32 = {
+            "post-processing": roles.tail,
+            "tod custom op": roles.custom,
+            "large range": sorted(big),
+            "--exclude": regex_nodes,
+        }
+        keep = list(dict.fromkeys(n for names in keep_fp32.values() for n in names))
+        log(f"FP16 autocast: {len(keep)} of {len(model.graph.node)} nodes kept in FP32")
+        quantized = to_fp16(model, keep)
+    else:
+        from tod_deploy.quant.int8 import qdq_quantize, qdq_summary
+
+        ranges = calibration.compute_ranges(
+            model, batches, method, list(("Conv", "MatMul", "Gemm")), show_progress, f"calibrating ({method})"
+        )
+        defaults = roles.default_fp32()
+        keep_fp32 = {
+            "stem": defaults["stem"],
+            "last layer of a head": defaults["last layer of a head"],
+            "feeds a threshold (Sign)": defaults["feeds a threshold (Sign)"],
+            "tod custom op": roles.custom,
+            "--exclude": [n for n in regex_nodes if n in set(roles.layers)],
+        }
+        keep = list(dict.fromkeys(n for names in keep_fp32.values() for n in names))
+        quantized = qdq_quantize(model, ranges, nodes_to_exclude=keep, keep_float_inputs=[*keep, *roles.tail])
+        summary = qdq_summary(quantized)
+        log(f"INT8 Q/DQ: {len(summary.quantized_layers)} of {len(roles.layers)} Conv/MatMul/Gemm layers quantized")
+    _stamp(quantized, precision)
+    onnx.checker.check_model(quantized, full_check=False)
+
+    comparison = compare_models(model, quantized, sidecar, precision)
+
+    out_path = Path(output) if output is not None else model_path.with_name(f"{model_path.stem}.{precision}.onnx")
+    if out_path.resolve() == model_path.resolve():
+        raise UserError(f"--output {out_path} is the input model", "write the quantized model to another file")
+    payload = quantized.SerializeToString()
+    info = _sidecar(sidecar, model_path, quantized, payload, out_path)
+    info["quantization"] = {
+        "precision": precision,
+        "tool": "onnxconverter-common float16" if precision == "fp16" else "onnxruntime quantize_static (QDQ)",
+        "method": method if precision == "int8" else None,
+        "symmetric": precision == "int8",
+        "per_channel_weights": precision == "int8",
+        "calibration": {**cal_set.to_dict(), "samples": len(batches) * batch, "seed": seed},
+        "exclude_patterns": by_regex,
+        "kept_fp32": keep_fp32,
+        "comparison": comparison.to_dict(),
+    }
+    if precision == "int8":
+        info["quantization"]["qdq"] = summary.to_dict()
+    sensitivity = None
+    if report:
+        sensitivity = _sensitivity(model, ranges, roles, regex_nodes, batches, report_limit, show_progress)
+        info["quantization"]["sensitivity"] = {
+            k: v for k, v in sensitivity.to_dict().items() if k != "rows"
+        }  # rows go to --json
+    side = sidecar_path(out_path)
+    with staged(out_path, side) as (tmp_onnx, tmp_json):
+        tmp_onnx.write_bytes(payload)
+        write_json(tmp_json, info)
+    return QuantizeResult(out_path, side, info, comparison, sensitivity)
+
+
+def _stamp(model: onnx.ModelProto, precision: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == "precision":
+            prop.value = precision
+            return
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "precision", precision
+
+
+def _sidecar(
+    source: dict[str, Any],
+    source_path: Path,
+    quantized: onnx.ModelProto,
+    payload: bytes,
+    out_path: Path,
+) -> dict[str, Any]:
+    from tod_deploy.export.pipeline import io_spec
+
+    info = copy.deepcopy(source)
+    info["io"] = io_spec(quantized)
+    info["onnx"] = {
+        **source.get("onnx", {}),
+        "file": out_path.name,
+        "bytes": len(payload),
+        "sha256": _sha256(payload),
+        "ir_version": quantized.ir_version,
+        "nodes": len(quantized.graph.node),
+        "ops": dict(Counter(node.op_type for node in quantized.graph.node).most_common()),
+    }
+    info["source"] = {"file": source_path.name, "sha256": _sha256(source_path.read_bytes())}
+    info["verification"] = None  # PyTorch parity is the FP32 export's; see quantization.comparison
+    return info
+
+
+def _sensitivity(
+    model: onnx.ModelProto,
+    ranges: Any,
+    roles: GraphRoles,
+    regex_nodes: list[str],
+    batches: list[np.ndarray],
+    limit: int | None,
+    show_progress: bool,
+) -> Any:
+    from tod_deploy.quant.int8 import qdq_quantize
+    from tod_deploy.quant.sensitivity import layer_sensitivity
+
+    role = {n: "threshold" for n in roles.threshold_branch} | {n: "last layer" for n in roles.last_layers}
+    role |= {n: "--exclude" for n in regex_nodes}
+    if roles.stem:
+        role[roles.stem] = "stem"
+    layers = roles.layers[:limit] if limit else list(roles.layers)
+    full = qdq_quantize(model, ranges, nodes_to_exclude=roles.custom)
+    compared = compared_tensors(model, dense_only=True) or compared_tensors(model)
+    progress, task = calibration.progress_bar(len(layers), "per-layer sensitivity", show_progress)
+    with progress:
+        return layer_sensitivity(
+            model, full, layers, role, batches[:2], compared, lambda _n: progress.advance(task),
+            total_layers=len(roles.layers),
+        )  # fmt: skip

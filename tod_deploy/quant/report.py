@@ -1,0 +1,68 @@
+"""Terminal tables (rich) and JSON of a quantize run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def comparison_table(result: Any) -> Table:
+    """FP32 vs quantized, per compared tensor and for the detections (a report: nothing fails here)."""
+    c = result.comparison
+    table = Table(title=f"{c.precision} vs fp32 in onnxruntime on {c.inputs} seeded inputs (report, not a gate)")
+    for column in ("tensor", "max abs err", "rel RMS err", "within atol/rtol", "atol / rtol"):
+        table.add_column(column, justify="left" if column == "tensor" else "right")
+    for o in c.outputs:
+        inside = 100.0 * (o.total - o.failing) / max(o.total, 1)
+        rms = c.rel_rms.get(o.name)
+        rms_text = "-" if rms is None else f"{rms:.3g}"
+        table.add_row(o.name, f"{o.max_abs:.3g}", rms_text, f"{inside:.1f}%", f"{o.atol:g} / {o.rtol:g}")
+    d = c.detections
+    if d is not None:
+        frac = c.matched_fraction()
+        table.add_row(
+            "detections",
+            f"matched {d.matched}/{d.checked}",
+            f"min IoU {d.min_iou:.3f}",
+            "-" if frac is None else f"{100 * frac:.1f}%",
+            f"IoU>={d.min_iou_required:g} / score {d.score_tol:g}",
+        )
+    return table
+
+
+def summary_line(result: Any) -> str:
+    q = result.sidecar["quantization"]
+    kept = ", ".join(f"{reason} {len(nodes)}" for reason, nodes in q["kept_fp32"].items() if nodes)
+    size = result.sidecar["onnx"]["bytes"] / 1e6
+    return f"wrote {result.output} ({size:.1f} MB) and {result.sidecar_path.name}; kept in FP32: {kept or 'none'}"
+
+
+def sensitivity_table(report: Any, top: int = 15) -> Table:
+    title = (
+        f"INT8 per-layer sensitivity: each layer quantized alone, {report.measured} of {report.layers} layers, "
+        f"{report.inputs} calibration images (relative RMS error vs FP32; worst first)"
+    )
+    table = Table(title=title)
+    for column in ("#", "node", "op", "default", "layer output err", "model output err", "worst tensor"):
+        table.add_column(column, justify="right" if "err" in column or column == "#" else "left")
+    for i, row in enumerate(report.rows[:top], 1):
+        table.add_row(
+            str(i), row.node, row.op_type, f"fp32 ({row.role})" if row.role else "int8",
+            f"{row.layer_error:.3g}", f"{row.output_error:.3g}", row.worst_output,
+        )  # fmt: skip
+    return table
+
+
+def suggestion_line(report: Any) -> str:
+    picks = report.suggested_excludes()
+    if not picks:
+        return "no layer stands out (none above 2x the median output error): no --exclude suggested"
+    return "suggested: " + " ".join(f"--exclude '{p}'" for p in picks)
+
+
+def to_json(result: Any) -> dict[str, Any]:
+    data = {"output": str(result.output), "sidecar": result.sidecar}
+    if result.sensitivity is not None:
+        data["sensitivity"] = result.sensitivity.to_dict()
+    return data
