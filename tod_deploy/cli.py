@@ -337,6 +337,64 @@ def check_cmd(
         sys.exit(1)
 
 
+@app.command("quantize")
+def quantize_cmd(
+    model: Annotated[Path, typer.Argument(help="An FP32 .onnx written by tod-deploy export (its .json beside it).")],
+    precision: Annotated[
+        str, typer.Option(metavar="fp16|int8", help="fp16 (autocast) or int8 (symmetric Q/DQ, calibrated on the CPU).")
+    ],
+    calib: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DIR", help="Calibration images: a folder (manifest.json optional) or a set under calibration/."
+        ),
+    ] = None,
+    calib_size: Annotated[
+        int | None, typer.Option(help="Samples to calibrate on (default: each image once; more adds seeded crops).")
+    ] = None,
+    method: Annotated[
+        str, typer.Option(metavar="max|entropy|percentile", help="INT8 calibration (percentile: 99.999%).")
+    ] = "max",
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="REGEX", help="Node-name regex to keep in FP32 (repeatable); one matching no node is an error."
+        ),
+    ] = None,
+    report: Annotated[
+        bool,
+        typer.Option("--report", help="INT8: per-layer sensitivity (each layer quantized alone) and --exclude hints."),
+    ] = False,
+    report_limit: Annotated[
+        int | None, typer.Option(help="--report: measure only the first N layers in graph order.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sampling: same seed and set, same scales.")] = 0,
+    output: Annotated[
+        Path | None, typer.Option(help="Output file (default: <stem>.fp16.onnx / <stem>.int8.onnx).")
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """FP16 or INT8 ONNX for TensorRT 11 (strongly typed) and onnxruntime, with its error against FP32.
+
+    FP16 keeps post-processing (box decoding, TopK, NMS, RoiAlign coordinates), tod nodes and large-range
+    tensors in FP32. INT8 puts symmetric Q/DQ (zero point 0) around Conv/MatMul/Gemm, keeping the stem, the last
+    layer of each head and tod nodes in FP32. Writes <stem>.<precision>.onnx and its .json together.
+    """
+    from tod_deploy.quant.pipeline import quantize_model
+    from tod_deploy.quant.report import comparison_table, sensitivity_table, suggestion_line, summary_line, to_json
+
+    result = quantize_model(
+        model, precision, calib, calib_size, method, tuple(exclude or ()), seed, output, report, report_limit, log=log,
+        show_progress=err.is_terminal,
+    )  # fmt: skip
+    out.print(comparison_table(result))
+    if result.sensitivity is not None:
+        out.print(sensitivity_table(result.sensitivity))
+        out.print(suggestion_line(result.sensitivity))
+    out.print(summary_line(result))
+    write_json(json_path, to_json(result))
+
+
 @app.command("eval")
 def eval_cmd(
     data: Annotated[Path, typer.Option(help="COCO-format annotation JSON (images, annotations, categories).")],
@@ -358,17 +416,31 @@ def eval_cmd(
     max_dets: Annotated[int, typer.Option(help="Detections per image that count (COCO maxDets).")] = 100,
     checkpoint: CheckpointOpt = None,
     input_size: Annotated[str | None, typer.Option(help="HEIGHTxWIDTH for --method (a file fixes its own).")] = None,
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(help="Another export of the model (e.g. model.int8.onnx) as an extra onnxruntime row; repeat."),
+    ] = None,
+    fidelity: Annotated[
+        bool, typer.Option(help="Also score every row against the FP32 onnxruntime row's detections (no labels).")
+    ] = False,
+    fidelity_score: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Reference detections scoring at least this count as ground truth.")
+    ] = 0.3,
     json_path: JsonOpt = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw a bar plot of the table to this PNG file.")] = None,
 ) -> None:
     """Tiny-object AP (AP, AP50, AP75 and the AI-TOD bins vt/t/s/m) of a model on every backend, in one table."""
-    from tod_deploy.evaluation.report import eval_table, write_plot
+    from tod_deploy.evaluation.report import eval_table, fidelity_table, write_plot
     from tod_deploy.evaluation.run import evaluate_model
 
     report = evaluate_model(
-        model, data, images, method, backend, max_images, class_agnostic, max_dets, checkpoint, input_size, log=log
-    )
+        model, data, images, method, backend, max_images, class_agnostic, max_dets, checkpoint, input_size, log=log,
+        compare=compare, fidelity_min_score=fidelity_score if fidelity else None,
+    )  # fmt: skip
     out.print(eval_table(report))
+    agreement = fidelity_table(report)
+    if agreement is not None:
+        out.print(agreement)
     write_json(json_path, report.to_dict())
     if plot is not None:
         log(f"wrote {write_plot(report.results, plot, f'{report.method} on {data.name}: AP per backend (%)')}")
