@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,10 +102,12 @@ def test_compile_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     with pytest.raises(UserError, match="unsupported CUDA arch 'sm_70'"):
         kernels.compile_ptx("sm_70")
     monkeypatch.setattr(kernels, "find_nvcc", lambda: None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # and no NVRTC either
     kernels._compile.cache_clear()
-    with pytest.raises(UserError, match="nvcc was not found.*install the CUDA toolkit"):
+    with pytest.raises(UserError, match="neither nvcc nor NVRTC.*install the CUDA toolkit"):
         kernels.compile_ptx("sm_87")
     monkeypatch.undo()
+    kernels._compile.cache_clear()
     require_nvcc()
     broken = tmp_path / "broken.cu"
     broken.write_text('extern "C" __global__ void tod_binary_conv2d() { undeclared_name(); }\n')
