@@ -367,7 +367,7 @@ def _variant(source: Path, folder: Path, precision: str, box_shift: float | None
     folder.mkdir()
     path = folder / f"model.{precision}.onnx"
     onnx.save(model, str(path))
-    sidecar = json.loads(source.with_suffix(".json").read_text()) | {"precision": precision}
+    sidecar = json.loads(source.with_suffix(".json").read_text()) | {"quantization": {"precision": precision}}
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     return path
 

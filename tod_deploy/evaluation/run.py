@@ -172,7 +172,8 @@ def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str,
                 f"{path.name} takes {size[0]}x{size[1]} images, the evaluated model {input_size[0]}x{input_size[1]}",
                 "compare exports of the same model",
             )
-        label = str(read_sidecar(path).get("precision") or path.stem)
+        sidecar = read_sidecar(path)
+        label = str((sidecar.get("quantization") or {}).get("precision") or sidecar.get("precision") or path.stem)
         name = f"onnxruntime {label}"
         if name in runners:
             raise UserError(f"two compared models are both {label!r}", "compare each precision once")
