@@ -14,6 +14,7 @@ set's category ids, and ``coco_eval.evaluate_detections`` scores each backend's 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,7 +274,11 @@ def evaluate_model(
 
 
 def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
-    """Each row against the reference row's confident detections, as if they were the labels."""
+    """Each row against the reference row's confident detections, as if they were the labels.
+
+    Every detection a row keeps counts (COCO's maxDets raised to the most any image has): a model
+    that keeps 3000 boxes per image (SR-TOD on AI-TOD) must be able to reproduce all of them.
+    """
     rows = list(report.detections)
     reference = "onnxruntime" if "onnxruntime" in rows else rows[0]
     truth = detections_as_ground_truth(subset, report.detections[reference], min_score)
@@ -282,8 +287,9 @@ def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
             f"{reference} has no detection scoring {min_score:g} or more to use as ground truth",
             "lower --fidelity-score (random-weight models score low)",
         )
+    most = [max(Counter(d["image_id"] for d in dets).values(), default=0) for dets in report.detections.values()]
+    max_dets = max([report.max_dets, *most])
     report.fidelity_reference, report.fidelity_min_score = reference, min_score
     for row in rows:
         if row != reference:
-            report.fidelity[row] = evaluate_detections(truth, report.detections[row], report.class_agnostic,
-                                                       report.max_dets)  # fmt: skip
+            report.fidelity[row] = evaluate_detections(truth, report.detections[row], report.class_agnostic, max_dets)

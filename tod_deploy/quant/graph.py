@@ -10,7 +10,9 @@ Both precision passes need the same map of the graph:
 * the post-processing tail: every node on those paths (box decoding, Exp/Log, anchor arithmetic,
   sigmoid/softmax, score thresholds, TopK, NonMaxSuppression, RoiAlign's coordinates, the
   Gather/Concat bookkeeping around them);
-* ``tod`` domain nodes (1-bit convolutions), which only run in FP32.
+* ``tod`` domain nodes (1-bit convolutions), which only run in FP32, and every node upstream of
+  their inputs: a 1-bit layer takes the sign of its input, and one sign flipped by rounding
+  cascades through a 1-bit network (measured: DFR-Det's box outputs moved ~50% under FP16).
 
 Shape-only paths (``Shape``/``Size``) carry no values, so they do not make a backbone layer "last".
 """
@@ -60,6 +62,7 @@ class GraphRoles:
     tail: list[str] = field(default_factory=list)  # post-processing nodes, graph order
     custom: list[str] = field(default_factory=list)  # tod-domain nodes
     threshold_branch: list[str] = field(default_factory=list)  # layers whose every path out goes through Sign
+    binarized_upstream: list[str] = field(default_factory=list)  # nodes whose values reach a tod node's input
     op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type (all nodes)
 
     def default_fp32(self) -> dict[str, list[str]]:
@@ -68,6 +71,7 @@ class GraphRoles:
             "stem": [self.stem] if self.stem else [],
             "last layer of a head": list(self.last_layers),
             "feeds a threshold (Sign)": list(self.threshold_branch),
+            "feeds a 1-bit layer": [n for n in self.binarized_upstream if n in set(self.layers)],
         }
 
 
@@ -99,7 +103,26 @@ def graph_roles(model: onnx.ModelProto) -> GraphRoles:
             tail |= reached
     roles.tail = [n.name for n in nodes if n.name in tail]
     roles.threshold_branch = _threshold_branch(nodes, consumers, {o.name for o in model.graph.output})
+    roles.binarized_upstream = _upstream_of(nodes, [n.input[0] for n in nodes if is_custom(n) and n.input])
     return roles
+
+
+def _upstream_of(nodes: list[onnx.NodeProto], tensors: list[str]) -> list[str]:
+    """Nodes (graph order) whose values reach any of ``tensors``; shape-only paths do not count."""
+    producer = {out: node for node in nodes for out in node.output if out}
+    found: set[str] = set()
+    queue = deque(tensors)
+    seen = set(queue)
+    while queue:
+        node = producer.get(queue.popleft())
+        if node is None or node.op_type in SHAPE_OPS or node.name in found:
+            continue
+        found.add(node.name)
+        for t in node.input:
+            if t and t not in seen:
+                seen.add(t)
+                queue.append(t)
+    return [n.name for n in nodes if n.name in found]
 
 
 def _threshold_branch(

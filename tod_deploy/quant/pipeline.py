@@ -223,6 +223,7 @@ def quantize_model(
         keep_fp32 = {
             "post-processing": roles.tail,
             "tod custom op": roles.custom,
+            "feeds a 1-bit layer": roles.binarized_upstream,
             "large range": sorted(big),
             "--exclude": regex_nodes,
         }
@@ -240,6 +241,7 @@ def quantize_model(
             "stem": defaults["stem"],
             "last layer of a head": defaults["last layer of a head"],
             "feeds a threshold (Sign)": defaults["feeds a threshold (Sign)"],
+            "feeds a 1-bit layer": defaults["feeds a 1-bit layer"],
             "tod custom op": roles.custom,
             "--exclude": [n for n in regex_nodes if n in set(roles.layers)],
         }
