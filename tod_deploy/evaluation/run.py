@@ -27,6 +27,7 @@ from tod_deploy.evaluation.coco_eval import category_lookup, detections_as_groun
 from tod_deploy.evaluation.datasets import Letterbox, load_coco, load_image
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+FIDELITY_MAX_DETS = 1000
 Log = Callable[[str], None]
 
 
@@ -276,8 +277,9 @@ def evaluate_model(
 def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
     """Each row against the reference row's confident detections, as if they were the labels.
 
-    Every detection a row keeps counts (COCO's maxDets raised to the most any image has): a model
-    that keeps 3000 boxes per image (SR-TOD on AI-TOD) must be able to reproduce all of them.
+    Every detection a row keeps counts (COCO's maxDets raised to the most any image has, up to
+    ``FIDELITY_MAX_DETS``: pycocotools' memory grows with detections x ground truths per image, and
+    3000 x 3000 per image, SR-TOD on AI-TOD, took over 10 GB), so a row must reproduce all of them.
     """
     rows = list(report.detections)
     reference = "onnxruntime" if "onnxruntime" in rows else rows[0]
@@ -288,7 +290,7 @@ def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
             "lower --fidelity-score (random-weight models score low)",
         )
     most = [max(Counter(d["image_id"] for d in dets).values(), default=0) for dets in report.detections.values()]
-    max_dets = max([report.max_dets, *most])
+    max_dets = min(max([report.max_dets, *most]), max(report.max_dets, FIDELITY_MAX_DETS))
     report.fidelity_reference, report.fidelity_min_score = reference, min_score
     for row in rows:
         if row != reference:
