@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from test_cli import assert_one_line_error
 
 from tod_deploy.errors import UserError
 from tod_deploy.evaluation.coco_eval import (
@@ -259,15 +260,6 @@ def test_table_and_plot(tmp_path: Path) -> None:
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tod_deploy.cli", *args], capture_output=True, text=True, timeout=600)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], proc.stderr
 
 
 @pytest.fixture(scope="module")
