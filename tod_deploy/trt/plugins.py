@@ -22,12 +22,15 @@ from onnx import numpy_helper
 from tod_deploy.errors import UserError
 from tod_deploy.ops.binary_conv_ref import DOMAIN, OP_TYPE, BinaryConvAttrs
 from tod_deploy.trt import kernels
+from tod_deploy.trt.runtime import require_cuda, require_tensorrt
 
 PLUGIN_ID = f"{DOMAIN}::{OP_TYPE}"
 KNOWN_PLUGINS = frozenset({PLUGIN_ID})
 # The ONNX parser finds a plugin by op type == plugin name and a string attribute naming its
-# namespace (TensorRT sample python_plugin, "ONNX model with a plugin").
+# namespace (onnx-tensorrt FallbackPluginImporter; newer parsers also try the node's domain), and
+# an int attribute ``aot`` = 1 asks for the AOT implementation strictly (importerUtils createPlugin).
 NAMESPACE_ATTR = "plugin_namespace"
+AOT_ATTR = "aot"
 INPUT_NAMES = ("x", "w_packed", "alpha", "bias")
 
 T = TypeVar("T")
@@ -35,8 +38,13 @@ Cdiv = Callable[[Any, Any], Any]
 
 
 def attrs_from_fields(fields: Mapping[str, object]) -> BinaryConvAttrs:
-    """The plugin's attributes (the ONNX node's, as TensorRT hands them over) -> validated attrs."""
-    return BinaryConvAttrs.from_onnx(fields)
+    """The plugin's attributes (the ONNX node's, as TensorRT hands them over) -> validated attrs.
+
+    onnx-tensorrt passes a STRING attribute as a kCHAR field whose length counts a terminating NUL,
+    and tensorrt.plugin decodes all of its bytes, so "3,3" arrives as "3,3\\0": strip it.
+    """
+    cleaned = {k: v.rstrip("\0") if isinstance(v, str) else v for k, v in fields.items()}
+    return BinaryConvAttrs.from_onnx(cleaned)
 
 
 def _attrs(
@@ -100,10 +108,18 @@ def ptx_for(arch: str) -> str:
     return kernels.compile_ptx(arch)
 
 
+def device_ptx() -> str:
+    """PTX for the GPU the engine is being built on."""
+    return ptx_for(pick_arch(require_cuda().compute_capability()))
+
+
 def tensorrt_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of an export, shaped for TensorRT's ONNX parser; the file on disk is left as is.
 
-    - each ``tod`` node gets ``plugin_namespace="tod"``, which is how the parser finds our plugin;
+    - each ``tod`` node gets ``plugin_namespace="tod"`` (how the parser finds our plugin) and ``aot=1``,
+      and its nine attributes rewritten in full and canonical form: TensorRT's Python plugin layer
+      passes attributes to ``aot_impl`` positionally in the order the parser hands them over, so a
+      node must carry every one of them (older exports may omit defaults);
     - W_packed is reinterpreted from uint8 [Cout, KH, KW, B] to int32 [Cout, KH, KW, B/4] (the same
       little-endian bytes; B is a multiple of 8): TensorRT takes uint8 only as a network input or
       output to cast to float, not as a plugin input
@@ -113,8 +129,11 @@ def tensorrt_view(model: onnx.ModelProto) -> onnx.ModelProto:
     view.CopyFrom(model)
     packed = {node.input[1] for node in view.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE}
     for node in view.graph.node:
-        if node.domain == DOMAIN and not any(a.name == NAMESPACE_ATTR for a in node.attribute):
-            node.attribute.append(onnx.helper.make_attribute(NAMESPACE_ATTR, DOMAIN))
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            attrs = BinaryConvAttrs.from_onnx({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+            del node.attribute[:]
+            for name, value in {**attrs.to_onnx(), NAMESPACE_ATTR: DOMAIN, AOT_ATTR: 1}.items():
+                node.attribute.append(onnx.helper.make_attribute(name, value))
     for index, init in enumerate(view.graph.initializer):
         if init.name in packed and init.data_type == onnx.TensorProto.UINT8:
             words = numpy_helper.to_array(init).view("<i4")
@@ -131,16 +150,40 @@ def tensorrt_view(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def register_plugins() -> None:
-    """Register ``tod::BinaryConv2d`` with TensorRT once per process; call before parsing or deserializing."""
+    """Register ``tod::BinaryConv2d`` with TensorRT once per process; needed before parsing an ONNX with
+    ``tod`` nodes, not to deserialize an engine (an AOT plugin's kernel lives in the engine)."""
     _register()
 
 
 @functools.cache
 def _register() -> None:
-    from tod_deploy.trt.runtime import require_cuda, require_tensorrt
-
     trt = require_tensorrt()
-    import tensorrt.plugin as trtp  # noqa: PLC0415 - only with TensorRT present
+    try:
+        import tensorrt.plugin as trtp  # noqa: PLC0415 - only with TensorRT present
+    except Exception as exc:  # noqa: BLE001 - any failure of TensorRT's own module is one line
+        raise _refused(trt, f"import tensorrt.plugin failed ({exc})") from exc
+    if not hasattr(trtp, "KernelLaunchParams"):
+        raise _refused(trt, "this TensorRT has no ahead-of-time Python plugins")
+    try:
+        _define(trt, trtp)
+    except ValueError as exc:  # tensorrt.plugin's signature checks (_validate.py) raise ValueError
+        raise _refused(trt, str(exc)) from exc
+
+
+def _refused(trt: Any, why: str) -> UserError:
+    return UserError(
+        f"TensorRT {getattr(trt, '__version__', '?')} refused the {PLUGIN_ID} plugin: {why}",
+        "use TensorRT 11 (pip install 'tod-deploy[gpu]'), or export with --binary-conv decompose",
+    )
+
+
+def _define(trt: Any, trtp: Any) -> None:
+    """The two decorated functions; tensorrt.plugin validates their signatures as they are defined.
+
+    ``aot_impl`` must take every registered attribute in registration order, then ``outputs`` and
+    ``tactic``, and carry its documented return annotation; TensorRT calls it with the attributes
+    positionally, in the order the ONNX parser handed them over (the registration order).
+    """
 
     def cdiv(a: Any, b: Any) -> Any:
         # trtp.cdiv refuses two ints (see tensorrt.plugin Functions); constant attrs are ints.
@@ -167,7 +210,7 @@ def _register() -> None:
         attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
         dtype = output_dtype(x.dtype, w_packed.dtype, alpha.dtype, bias.dtype, float32=trt.float32, packed=trt.int32)
         shape = output_shape(list(x.shape_expr), list(w_packed.shape_expr), attrs, cdiv)
-        return trtp.from_shape_expr(shape, dtype=dtype)
+        return trtp.from_shape_expr(tuple(shape), dtype=dtype)
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(
@@ -184,8 +227,9 @@ def _register() -> None:
         threshold: float,
         zero_sign: int,
         pad_value: int,
-        outputs,  # unannotated: aot_impl checks hints against its documented typing.Tuple form
-    ):
+        outputs: tuple[trtp.TensorDesc],
+        tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
         x_shape = list(x.shape_expr)
         out_channels = w_packed.shape_expr[0].constant_value()  # W_packed is an initializer: static
@@ -199,5 +243,4 @@ def _register() -> None:
         extra = trtp.SymIntExprs(len(values))
         for index, value in enumerate(values):
             extra[index] = trtp.SymInt32(value)
-        ptx = ptx_for(pick_arch(require_cuda().compute_capability()))
-        return kernels.KERNEL_NAME, ptx, params, extra
+        return kernels.KERNEL_NAME, device_ptx(), params, extra
