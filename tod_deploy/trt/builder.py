@@ -175,12 +175,12 @@ def build_serialized(plan: BuildPlan, log: Log = print) -> bytes:
 
     trt = require_tensorrt()
     if plan.plugins:
-        register_plugins()  # the parser looks plugins up while parsing, so they must exist before
+        register_plugins()  # the parser looks plugins up while parsing; only then (see the runner)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # Strong typing is always on in TensorRT 11 and the flag is kept for compatibility; it is passed
-    # so the intent is explicit (https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/_static/python-api/infer/Core/Builder.html).
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    # No creation flags: strong typing is always on in TensorRT 11 and its STRONGLY_TYPED flag is
+    # "deprecated in TensorRT 11.0 ... retained for API compatibility but is ignored" (11.4 binding).
+    network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     model = load_onnx(Path(plan.onnx))
     if plan.plugins:
@@ -196,8 +196,7 @@ def build_serialized(plan: BuildPlan, log: Log = print) -> bytes:
         profile.set_shape(p.input, p.min, p.opt, p.max)
     config.add_optimization_profile(profile)
     cache_path = Path(plan.timing_cache) if plan.timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    attach_timing_cache(config, cache_path, log)
     log(f"building TensorRT {trt.__version__} engine ({plan.precision}) - this takes minutes ...")
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -208,6 +207,22 @@ def build_serialized(plan: BuildPlan, log: Log = print) -> bytes:
         with staged(cache_path) as (tmp,):
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
+
+
+def attach_timing_cache(config: Any, path: Path | None, log: Log) -> None:
+    """Reuse a timing cache file if TensorRT accepts it, else start a fresh one (overwritten after the build).
+
+    ``set_timing_cache`` returns False for a cache "created from a different device" (or another
+    TensorRT) when strict verification is on (11.4 binding): its timings would not hold for this GPU.
+    """
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return
+    if not data:
+        raise UserError("TensorRT refused an empty timing cache", "rerun with --debug and report it")
+    log(f"note: {path} was built on another GPU or TensorRT version; timing afresh and replacing it")
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise UserError("TensorRT refused an empty timing cache", "rerun with --debug and report it")
 
 
 def _parser_errors(parser: Any) -> str:
@@ -223,6 +238,8 @@ def inspect_engine(serialized: bytes) -> dict[str, Any]:
 
     trt = require_tensorrt()
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(serialized)
+    if engine is None:  # "returns: The ICudaEngine, or None if it could not be deserialized"
+        raise UserError("TensorRT could not load the engine it just built", "rerun with --debug and report it")
     inspector = engine.create_engine_inspector()
     return layer_summary(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from tod_deploy.errors import UserError
-from tod_deploy.trt.plugins import register_plugins
 from tod_deploy.trt.runtime import require_cuda, require_tensorrt
 
 STAGES = ("h2d_ms", "compute_ms", "d2h_ms")
+DRIVER_FIX_MEMORY = "free GPU memory (nvidia-smi shows who holds it) or build with a smaller --max profile"
 
 
 class TensorRTRunner:
@@ -31,7 +31,8 @@ class TensorRTRunner:
     def __init__(self, engine: Path | bytes, cuda_graph: bool = False) -> None:
         trt = require_tensorrt()
         self.cuda = require_cuda()
-        register_plugins()  # engines with tod::BinaryConv2d layers deserialize only once it is registered
+        # No plugin registration: the tod::BinaryConv2d plugin is AOT, so its kernel (PTX, launch
+        # parameters, arguments) is inside the engine and deserializing needs no Python code.
         data = engine.read_bytes() if isinstance(engine, Path) else engine
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(data)
         if self.engine is None:
@@ -40,6 +41,8 @@ class TensorRTRunner:
                 "rebuild it on this machine with tod-deploy build-engine",
             )
         self.context = self.engine.create_execution_context()
+        if self.context is None:  # e.g. not enough GPU memory for the engine's activations
+            raise UserError("TensorRT could not create an execution context for the engine", DRIVER_FIX_MEMORY)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {name: self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT for name in names}
         self.inputs = [name for name in names if is_input[name]]
@@ -72,14 +75,16 @@ class TensorRTRunner:
                 "rebuild with tod-deploy build-engine --min/--opt/--max covering it",
             )
         self.release()
-        self.context.set_input_shape(self.input_name, shape)
+        if not self.context.set_input_shape(self.input_name, shape):  # returns False for a shape it refuses
+            raise UserError(f"TensorRT refused input shape {list(shape)}", "rebuild with a profile covering it")
         for name in [self.input_name, *self.output_names]:
             dims = tuple(self.context.get_tensor_shape(name))
             if any(d < 0 for d in dims):
                 raise UserError(f"engine output {name!r} has a data-dependent shape {list(dims)}", "re-export it")
             self.host[name] = np.empty(dims, dtype=self.dtypes[name])
             self.device[name] = self.cuda.malloc(self.host[name].nbytes)
-            self.context.set_tensor_address(name, self.device[name])
+            if not self.context.set_tensor_address(name, self.device[name]):
+                raise UserError(f"TensorRT refused the device buffer of {name!r}", "rerun with --debug and report it")
         self.shape = shape
         if self.cuda_graph:
             # One plain enqueue first, so TensorRT's deferred shape work is not captured.
