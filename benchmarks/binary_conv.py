@@ -28,10 +28,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.ops import binary_conv_cpu
+from tod_deploy.ops.binary_conv_cases import RESNET18_STAGES
 from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, pack_weights
 from tod_deploy.ops.ort_binary_conv import inference_session
 
-SHAPES = [(64, 200), (128, 100), (256, 50), (512, 25)]
+SHAPES = RESNET18_STAGES
 TARGETS = {"avx512": 5.0, "avx2": 2.5}
 
 

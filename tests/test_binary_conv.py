@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from tod_deploy.errors import UserError
 from tod_deploy.nn.binary import BinaryConv2d, RPReLU, RSign, sign_ste
 from tod_deploy.ops import binary_conv_cpu
+from tod_deploy.ops.binary_conv_cases import GEOMETRIES, SIGNS, Geometry, case_id, make_inputs
 from tod_deploy.ops.binary_conv_ref import (
     BinaryConvAttrs,
     binarize,
@@ -26,61 +26,6 @@ from tod_deploy.ops.binary_conv_ref import (
     pack_weights,
     unpack_weights,
 )
-
-SIGNS = (-1, 0, 1)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    c: int
-    cout: int
-    h: int
-    w: int
-    k: int = 3
-    stride: int = 1
-    dilation: int = 1
-    pads: tuple[int, int, int, int] = (1, 1, 1, 1)
-    group: int = 1
-    threshold: float = 0.0
-    ties: bool = True  # inputs on a 0.25 grid (exact threshold hits) or continuous
-
-    def attrs(self, zero_sign: int, pad_value: int) -> BinaryConvAttrs:
-        return BinaryConvAttrs(
-            kernel_shape=(self.k, self.k),
-            in_channels=self.c,
-            strides=(self.stride, self.stride),
-            pads=self.pads,
-            dilations=(self.dilation, self.dilation),
-            group=self.group,
-            threshold=self.threshold,
-            zero_sign=zero_sign,
-            pad_value=pad_value,
-        )
-
-
-GEOMETRIES = [
-    Geometry(3, 5, 7, 9),
-    Geometry(17, 33, 9, 8, stride=2, threshold=0.5),
-    Geometry(33, 17, 10, 11, dilation=2, pads=(2, 2, 2, 2), threshold=-0.25),
-    Geometry(65, 9, 8, 9, stride=2, dilation=2, pads=(0, 1, 2, 3)),
-    Geometry(100, 33, 6, 7, threshold=0.25),
-    Geometry(128, 16, 5, 6),  # two full words per tap
-    Geometry(34, 18, 7, 7, group=2),  # 17 channels per group
-    Geometry(17, 12, 6, 41, k=1, pads=(0, 0, 0, 0)),  # 1x1, rows wider than one SIMD tile
-    Geometry(16, 8, 5, 37, k=5, pads=(2, 2, 2, 2), ties=False),  # interior tiles unmasked, borders masked
-]
-
-
-def make_inputs(geo: Geometry, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    if geo.ties:
-        x = rng.integers(-4, 5, size=(2, geo.c, geo.h, geo.w)).astype(np.float32) * 0.25
-    else:
-        x = rng.standard_normal((2, geo.c, geo.h, geo.w)).astype(np.float32)
-    w = rng.standard_normal((geo.cout, geo.c // geo.group, geo.k, geo.k)).astype(np.float32)
-    alpha = (rng.random(geo.cout) + 0.05).astype(np.float32)
-    bias = rng.standard_normal(geo.cout).astype(np.float32)
-    return x, w, alpha, bias
 
 
 @functools.cache
@@ -168,7 +113,7 @@ ISA_PARAMS = [_isa_param(name) for name in binary_conv_cpu.ISAS]
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
-@pytest.mark.parametrize("geo", GEOMETRIES, ids=lambda g: f"c{g.c}o{g.cout}k{g.k}s{g.stride}d{g.dilation}g{g.group}")
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=case_id)
 def test_kernel_matches_reference(isa: str, geo: Geometry) -> None:
     x, w, alpha, bias = make_inputs(geo)
     for zero_sign, pad_value in itertools.product(SIGNS, SIGNS):

@@ -9,6 +9,9 @@ No GPU runs here, so the kernel is checked in three ways that can run anywhere:
   the NumPy reference bit for bit on the integer sums, on the cases the CPU kernel is tested over;
 * the launch arithmetic agrees with ``BinaryConvAttrs`` on ints and uses only what TensorRT's
   symbolic shape expressions support.
+
+The grid (``tod_deploy/ops/binary_conv_cases.py``) is the one ``tod-deploy doctor --gpu`` runs the
+compiled kernel over on a real GPU (tests/test_doctor.py).
 """
 
 from __future__ import annotations
@@ -24,19 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_binary_conv import GEOMETRIES, SIGNS, Geometry, assert_scaled_close, make_inputs, reference
+from test_binary_conv import assert_scaled_close, reference
 
 from tod_deploy.errors import UserError
+from tod_deploy.ops.binary_conv_cases import (
+    CUDA_CASES,
+    EDGE_CASE,
+    SIGNS,
+    Geometry,
+    case_id,
+    edge_case_inputs,
+    make_inputs,
+    sign_pairs,
+)
 from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights
 from tod_deploy.trt import kernels
 
-# The CPU kernel's cases plus tiles the kernel splits: 2 channel tiles per group, K of exactly one
-# 256-bit chunk per tap, several position tiles with stride 2.
-CASES = [
-    *GEOMETRIES,
-    Geometry(64, 70, 9, 10, stride=2, group=2),
-    Geometry(256, 40, 4, 5, pads=(1, 0, 1, 0), threshold=-0.5),
-]
 PATHS = {"and_m16n8k256": 0, "xor_m8n8k128": 1}
 MMA = {
     "and": "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc",
@@ -44,10 +50,6 @@ MMA = {
 }
 TILE_HEADER = kernels.CUDA_DIR / "binary_conv2d_tile.cuh"
 HOST_CHECK = kernels.CUDA_DIR / "host_check.cpp"
-
-
-def case_id(geo: Geometry) -> str:
-    return f"c{geo.c}o{geo.cout}k{geo.k}s{geo.stride}d{geo.dilation}g{geo.group}"
 
 
 # --- PTX builds ---------------------------------------------------------------------------------
@@ -194,10 +196,10 @@ def emulate(
 
 
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
-@pytest.mark.parametrize("geo", CASES, ids=case_id)
+@pytest.mark.parametrize("geo", CUDA_CASES, ids=case_id)
 def test_kernel_steps_match_reference(harness: ctypes.CDLL, geo: Geometry, path: int) -> None:
     x, w, alpha, bias = make_inputs(geo)
-    for zero_sign, pad_value in itertools.product(SIGNS, SIGNS):
+    for zero_sign, pad_value in sign_pairs():
         attrs = geo.attrs(zero_sign, pad_value)
         want_sums, want_out = reference(geo, zero_sign, pad_value)
         sums, out = emulate(harness, x, pack_weights(w, zero_sign), alpha, bias, attrs, path)
@@ -205,11 +207,11 @@ def test_kernel_steps_match_reference(harness: ctypes.CDLL, geo: Geometry, path:
         assert_scaled_close(out, want_out)
 
 
-@pytest.mark.parametrize("geo", CASES, ids=case_id)
+@pytest.mark.parametrize("geo", CUDA_CASES, ids=case_id)
 def test_direct_packed_sums_match_reference(harness: ctypes.CDLL, geo: Geometry) -> None:
     """S = popc(n) - 2 popc((s ^ w) & n) on the kernel's packed words, without tiles or MMAs."""
     x, w, _, _ = make_inputs(geo)
-    for zero_sign, pad_value in itertools.product(SIGNS, SIGNS):
+    for zero_sign, pad_value in sign_pairs():
         attrs = geo.attrs(zero_sign, pad_value)
         want_sums, _ = reference(geo, zero_sign, pad_value)
         sums = np.full(want_sums.shape, np.iinfo(np.int32).min, dtype=np.int32)
@@ -220,13 +222,9 @@ def test_direct_packed_sums_match_reference(harness: ctypes.CDLL, geo: Geometry)
 
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 def test_kernel_steps_nan_threshold_ties_and_zero_bias(harness: ctypes.CDLL, path: int) -> None:
-    geo = Geometry(19, 7, 6, 30, threshold=0.25)
-    x, w, alpha, _ = make_inputs(geo, seed=3)
-    x[0, 2, 1, :5] = np.nan
-    x[1, :, 0, :3] = np.float32(geo.threshold)  # exactly on the threshold
-    zeros = np.zeros(geo.cout, dtype=np.float32)
+    x, w, alpha, zeros = edge_case_inputs()  # NaNs, values exactly on the threshold, zero bias
     for zero_sign in SIGNS:
-        attrs = geo.attrs(zero_sign, pad_value=0)
+        attrs = EDGE_CASE.attrs(zero_sign, pad_value=0)
         want_sums, want_out = binary_conv2d_ref(x, w, alpha, None, attrs)
         sums, out = emulate(harness, x, pack_weights(w, zero_sign), alpha, zeros, attrs, path)
         assert np.array_equal(sums, want_sums)
@@ -288,10 +286,10 @@ def sym_cdiv(a: Sym | int, b: Sym | int) -> Sym:
     return Sym(-(-Sym.of(a) // Sym.of(b)))
 
 
-@pytest.mark.parametrize("geo", CASES, ids=case_id)
+@pytest.mark.parametrize("geo", CUDA_CASES, ids=case_id)
 def test_launch_arithmetic_matches_attrs(harness: ctypes.CDLL, geo: Geometry) -> None:
     assert harness.tod_kernel_arg_count() == len(kernels.KERNEL_INT_ARGS)
-    for (zero_sign, pad_value), n in itertools.product(itertools.product(SIGNS, SIGNS), (1, 3)):
+    for (zero_sign, pad_value), n in itertools.product(sign_pairs(), (1, 3)):
         attrs = geo.attrs(zero_sign, pad_value)
         shape = (n, geo.c, geo.h, geo.w)
         oh, ow = attrs.output_size(geo.h, geo.w)

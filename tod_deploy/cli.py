@@ -337,6 +337,48 @@ def check_cmd(
         sys.exit(1)
 
 
+@app.command("doctor")
+def doctor_cmd(
+    gpu: Annotated[
+        bool,
+        typer.Option(
+            "--gpu",
+            help="Also compile the 1-bit CUDA kernel for this GPU, check it bit-exactly against the NumPy reference "
+            "and time it against cuDNN (needs an NVIDIA GPU, not TensorRT; meant to take under two minutes).",
+        ),
+    ] = False,
+    gpu_report: Annotated[Path, typer.Option("--gpu-report", help="JSON report of --gpu.")] = Path("doctor-gpu.json"),
+    json_path: JsonOpt = None,
+) -> None:
+    """What this machine can run: CPU and its 1-bit kernel path, onnxruntime, torch, GPU and driver,
+    nvcc/NVRTC, TensorRT, and which bench backends work (with what to install for the others).
+
+    Exit status 0; with --gpu: 1 if any kernel output differs from the reference, 2 without a GPU.
+    """
+    from tod_deploy.doctor import doctor_report, doctor_tables
+
+    report = doctor_report()
+    if gpu:
+        from tod_deploy.trt.gpu_selftest import require_gpu
+
+        require_gpu(report.gpu)  # before any output: without a GPU, --gpu is one error line
+    for table in doctor_tables(report):
+        out.print(table)
+    write_json(json_path, report.to_dict())
+    if not gpu:
+        return
+    from tod_deploy.trt.gpu_selftest import run_selftest, selftest_tables, summary_line, write_report
+
+    result = run_selftest(report.gpu, log=log)
+    write_report(result, gpu_report)
+    log(f"wrote {gpu_report}")
+    for table in selftest_tables(result):
+        out.print(table)
+    out.print(summary_line(result))
+    if not result.ok:
+        sys.exit(1)
+
+
 @app.command("quantize")
 def quantize_cmd(
     model: Annotated[Path, typer.Argument(help="An FP32 .onnx written by tod-deploy export (its .json beside it).")],
