@@ -28,12 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 # The wheel the tests run against; bump it here (or set TOD_TENSORRT_BINDINGS for one run).
 BINDINGS_WHEEL = os.environ.get("TOD_TENSORRT_BINDINGS", "tensorrt-cu13-bindings==11.4.0.106")
 PACKAGE = "tensorrt_bindings"
 CORE_MODULE = f"{PACKAGE}.tensorrt"  # the compiled module the stand-in replaces
 COMPILED_CORE = "compiled-core.so"  # where the real one is put, outside the package, to be read as bytes
+
+
+# NVIDIA's modules have docstrings with invalid escape sequences; Python warns as it compiles them.
+IGNORE_WHEEL_WARNINGS = pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")
 
 
 class WheelUnavailable(RuntimeError):
@@ -61,6 +66,18 @@ def python_layer_dir(cache: Path) -> Path:
             elif member.startswith(f"{PACKAGE}/tensorrt") and ".so" in member:  # kept aside, never imported
                 (target / COMPILED_CORE).write_bytes(wheel.read(member))
     return target
+
+
+def python_layer_dir_or_skip() -> Path:
+    """The unpacked wheel (cached in $TOD_TEST_CACHE or ~/.cache/tod-deploy-tests); in CI a failed
+    download fails the run, elsewhere the test skips with the reason."""
+    cache = Path(os.environ.get("TOD_TEST_CACHE", Path.home() / ".cache" / "tod-deploy-tests"))
+    try:
+        return python_layer_dir(cache)
+    except WheelUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
 
 
 def compiled_core_strings(layer: Path) -> set[str]:
@@ -411,12 +428,6 @@ class _PluginRegistry:
         return self.creators.get((name, version, plugin_namespace))
 
 
-_REGISTRY = _PluginRegistry()
-
-
-def get_plugin_registry() -> _PluginRegistry:
-    """plugin/_lib.py: the process-wide registry."""
-    return _REGISTRY
 
 
 class LaunchParamsSetter:
@@ -437,18 +448,25 @@ class SymExprSetter(list):
         self[:] = [None] * count
 
 
-def _core_module() -> types.ModuleType:
-    """The stand-in as the module ``tensorrt_bindings.tensorrt``."""
+def _core_module(*, aot: bool) -> types.ModuleType:
+    """The stand-in as the module ``tensorrt_bindings.tensorrt``, with a registry of its own.
+
+    ``aot=False`` leaves out QuickPluginCreationRequest, as TensorRT releases before AOT plugins do.
+    """
     core = types.ModuleType(CORE_MODULE, "Stand-in for TensorRT's compiled core (tests only).")
     public = {name: value for name, value in globals().items() if not name.startswith("_")}
+    registry = _PluginRegistry()
+    core.get_plugin_registry = lambda: registry  # plugin/_lib.py: the process-wide registry
+    if aot:
+        core.QuickPluginCreationRequest = QuickPluginCreationRequest
     for name in (
-        "DataType", "DimensionOperation", "PluginFieldType", "TensorFormat", "TensorRTPhase",
-        "QuickPluginCreationRequest", "PluginArgType", "PluginArgDataType", "ILogger", "Logger", "ICudaEngine",
+        "DataType", "DimensionOperation", "PluginFieldType", "TensorFormat", "TensorRTPhase", "PluginArgType",
+        "PluginArgDataType", "ILogger", "Logger", "ICudaEngine",
         "IExecutionContext", "Runtime", "IHostMemory", "Builder", "INetworkDefinition", "OnnxParser",
         "IBuilderConfig", "ITensor", "IPluginV3", "IPluginV3QuickCore", "IPluginV3QuickBuild",
         "IPluginV3QuickRuntime", "IPluginV3QuickAOTBuild", "IPluginCreatorV3Quick", "ISymExpr", "Dims", "DimsExprs",
         "PluginTensorDesc", "DynamicPluginTensorDesc", "IDimensionExpr", "IExprBuilder", "PluginField",
-        "PluginFieldCollection", "get_plugin_registry",
+        "PluginFieldCollection",
     ):  # fmt: skip
         setattr(core, name, public[name])
     # __init__.py's nptype and itemsize tables, plugin/_plugin_class.py's dtype comparisons.
@@ -460,7 +478,7 @@ def _core_module() -> types.ModuleType:
 
 
 @contextmanager
-def python_layer(layer_dir: Path) -> Iterator[types.ModuleType]:
+def python_layer(layer_dir: Path, *, aot: bool = True) -> Iterator[types.ModuleType]:
     """``import tensorrt`` gives the wheel's Python code over the stand-in core while inside.
 
     The ``tensorrt`` package is built as the ``tensorrt-cu13`` meta package's ``__init__.py`` does
@@ -470,9 +488,8 @@ def python_layer(layer_dir: Path) -> Iterator[types.ModuleType]:
     saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] in ("tensorrt", PACKAGE)}
     for name in saved:
         del sys.modules[name]
-    sys.modules[CORE_MODULE] = _core_module()
+    sys.modules[CORE_MODULE] = _core_module(aot=aot)
     sys.path.insert(0, str(layer_dir))
-    _REGISTRY.creators.clear()
     try:
         import tensorrt_bindings  # noqa: PLC0415 - the wheel's __init__.py, over the stand-in
 

@@ -8,7 +8,6 @@ runner use must be one of them, and the documented behaviour the code relies on 
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,9 @@ import pytest
 import tensorrt_standin as standin
 
 from tod_deploy.errors import UserError
-from tod_deploy.trt import builder, runner
+from tod_deploy.trt import builder, plugins, runner
 
+pytestmark = standin.IGNORE_WHEEL_WARNINGS
 TRT_DIR = Path(builder.__file__).parent
 # Methods and properties called on TensorRT objects in trt/builder.py and trt/runner.py.
 OBJECT_API = {
@@ -48,14 +48,8 @@ DOCUMENTED = [
 
 
 @pytest.fixture(scope="module")
-def binding(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    cache = Path(os.environ.get("TOD_TEST_CACHE", Path.home() / ".cache" / "tod-deploy-tests"))
-    try:
-        return standin.compiled_core_strings(standin.python_layer_dir(cache))
-    except standin.WheelUnavailable as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
+def binding() -> set[str]:
+    return standin.compiled_core_strings(standin.python_layer_dir_or_skip())
 
 
 def in_binding(binding: set[str], name: str) -> bool:
@@ -142,3 +136,14 @@ def test_runner_does_not_register_plugins() -> None:
     assert "register_plugins" not in Path(runner.__file__).read_text()
     with pytest.raises(UserError, match="TensorRT is not installed"):
         runner.TensorRTRunner(b"not an engine")
+
+
+def test_a_tensorrt_without_aot_plugins_is_one_line() -> None:
+    """TensorRT's Python layer over a core without AOT plugin support (as before 10.12): one UserError."""
+    plugins._register.cache_clear()
+    try:
+        with standin.python_layer(standin.python_layer_dir_or_skip(), aot=False):
+            with pytest.raises(UserError, match="refused the tod::BinaryConv2d plugin: this TensorRT has no ahead"):
+                plugins.register_plugins()
+    finally:
+        plugins._register.cache_clear()

@@ -10,9 +10,7 @@ Without a GPU the device is a stand-in too: compute capability 8.0 (PTX built he
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,8 +26,7 @@ from tod_deploy.ops.binary_conv_ref import DOMAIN, OP_TYPE, BinaryConvAttrs, bin
 from tod_deploy.ops.ort_binary_conv import inference_session
 from tod_deploy.trt import kernels, plugins
 
-# NVIDIA's modules have docstrings with invalid escape sequences; Python warns as it compiles them.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")
+pytestmark = standin.IGNORE_WHEEL_WARNINGS
 
 SIZE = "128x128"  # FPN P2..P6: the coarsest level is still 2x2
 EXPORTS = [(detector, batch) for detector in ("fcos", "retinanet", "faster_rcnn") for batch in ("1", "dynamic")]
@@ -47,21 +44,10 @@ class DeviceStandIn:
 
 
 @pytest.fixture(scope="module")
-def layer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = Path(os.environ.get("TOD_TEST_CACHE", Path.home() / ".cache" / "tod-deploy-tests"))
-    try:
-        return standin.python_layer_dir(cache)
-    except standin.WheelUnavailable as exc:
-        if os.environ.get("CI"):
-            raise  # CI must run this against the real wheel
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def trt(layer_dir: Path) -> Iterator[Any]:
+def trt() -> Iterator[Any]:
     """TensorRT's Python layer with our plugin registered through it (a fresh registry per module)."""
     plugins._register.cache_clear()
-    with standin.python_layer(layer_dir) as module, pytest.MonkeyPatch.context() as patch:
+    with standin.python_layer(standin.python_layer_dir_or_skip()) as module, pytest.MonkeyPatch.context() as patch:
         patch.setattr(plugins, "require_cuda", DeviceStandIn, )
         plugins.register_plugins()
         yield module
