@@ -54,9 +54,13 @@ def test_teacher_keys_in_checkpoint_are_reported_as_training_only(tmp_path: Path
     state["module.extra_head.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "full.pth")
     lines: list[str] = []
+    with pytest.raises(UserError, match=r"1 keys of no part of thumbdet \(e\.g\. extra_head\.weight\)"):
+        build_deploy_model(recipe, tmp_path / "full.pth", log=lines.append)
+    del state["module.extra_head.weight"]
+    torch.save(state, tmp_path / "full.pth")
     build_deploy_model(recipe, tmp_path / "full.pth", log=lines.append)
     assert not any("missing" in line for line in lines)
-    assert any(line.startswith("checkpoint: unexpected 1 keys") and "extra_head" in line for line in lines)
+    assert any("training-only and left out of the deploy graph: teacher." in line for line in lines)
 
 
 def test_missing_checkpoint_file(tmp_path: Path) -> None:

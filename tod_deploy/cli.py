@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tod_deploy.errors import UserError
+from tod_deploy.registry import method_names
 
 app = typer.Typer(
     name="tod-deploy",
@@ -27,7 +28,7 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 DEBUG_FLAG = "--debug"
 
-MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method to build: thumbdet, sr_tod, dfr_det.")]
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help=f"Method to build: {', '.join(method_names())}.")]
 CheckpointOpt = Annotated[
     Path | None, typer.Option(help="Trained weights (.pth, upstream key names). Default: seeded random weights.")
 ]
@@ -98,15 +99,15 @@ def main_options(
 def methods_cmd() -> None:
     """List the methods and their recipe variants."""
     from tod_deploy.recipes import load_recipe
-    from tod_deploy.registry import METHODS
+    from tod_deploy.registry import all_methods
 
     table = Table(title="methods")
     for column in ("method", "variants", "input", "summary"):
         table.add_column(column)
-    for name, spec in METHODS.items():
-        recipe = load_recipe(name)
-        variants = ", ".join(_variants(name))
-        table.add_row(name, variants, "x".join(map(str, recipe.input_size)), spec.summary)
+    for spec in all_methods():
+        recipe = load_recipe(spec.name)
+        variants = ", ".join(_variants(spec.name))
+        table.add_row(spec.name, variants, "x".join(map(str, recipe.input_size)), spec.summary)
     out.print(table)
 
 
@@ -140,6 +141,12 @@ def export_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the random weights when no checkpoint is given.")] = 0,
     verify: Annotated[bool, typer.Option(help="Check onnxruntime against PyTorch before writing.")] = True,
     name: Annotated[str | None, typer.Option(help="File stem (default: the method, plus variant).")] = None,
+    classes: Annotated[
+        Path | None, typer.Option(help="Class names, one per line in label order (default: the checkpoint's).")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Class count (default: read from the checkpoint's classifier, else the recipe).")
+    ] = None,
     extra_outputs: Annotated[
         str | None, typer.Option(help="Comma-separated extra outputs to keep, e.g. diff_map,binary_mask (SR-TOD).")
     ] = None,
@@ -159,6 +166,12 @@ def export_cmd(
         overrides["binary_conv"] = binary_conv
     if top_k is not None:
         overrides["top_k"] = top_k
+    if num_classes is not None:
+        overrides.setdefault("model", {})["num_classes"] = num_classes
+    if classes is not None:
+        from tod_deploy.checkpoint_settings import read_class_names
+
+        overrides["classes"] = read_class_names(classes)
     extras = tuple(e.strip() for e in (extra_outputs or "").split(",") if e.strip())
     if "diff_map" in extras and "binary_mask" not in extras:
         extras = (*extras, "binary_mask")  # the mask is what users look at beside the map
@@ -445,7 +458,10 @@ def eval_cmd(
         Path | None, typer.Argument(help="An .onnx written by tod-deploy export (its .json beside it).")
     ] = None,
     method: Annotated[
-        str | None, typer.Option("--method", "-m", help="Evaluate this method's PyTorch model instead of a file.")
+        str | None,
+        typer.Option(
+            "--method", "-m", help=f"Evaluate this method's PyTorch model, not a file: {', '.join(method_names())}."
+        ),
     ] = None,
     backend: Annotated[
         str | None,

@@ -23,7 +23,7 @@ def inspect_method(
     log: Callable[[str], None] = print,
     backbone_only: bool = False,
 ) -> dict[str, Any]:
-    recipe = resolve_recipe(method, variant, overrides)
+    recipe = resolve_recipe(method, variant, overrides, checkpoint)
     deploy, _ = build_deploy_model(recipe, checkpoint, log=lambda _line: None)
     if backbone_only:
         return _backbone_only(deploy, recipe, method)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from tod_deploy.checkpoints import describe_checkpoint, read_checkpoint
 from tod_deploy.methods.base import DeployModel, TrainingModel
-from tod_deploy.recipes import Recipe, load_recipe
+from tod_deploy.recipes import Recipe
 from tod_deploy.registry import get_method
 from tod_deploy.weights import RANDOM_WEIGHTS_NOTICE, load_checkpoint, seeded_init, sha256_file
 
@@ -25,10 +26,14 @@ class WeightsInfo:
         return dict(self.__dict__)
 
 
-def resolve_recipe(method: str, variant: str | None = None, overrides: dict | None = None) -> Recipe:
-    """The recipe of a known method (an unknown method is reported as such, not as a missing file)."""
-    get_method(method)
-    return load_recipe(method, variant, overrides)
+def resolve_recipe(
+    method: str, variant: str | None = None, overrides: dict | None = None, checkpoint: Path | None = None
+) -> Recipe:
+    """The recipe of a known method, with what the checkpoint says (class count, names, test settings)
+    under the flags (``overrides``); an unknown method is reported as such, not as a missing file."""
+    from tod_deploy.checkpoint_settings import resolve_recipe_with_checkpoint
+
+    return resolve_recipe_with_checkpoint(method, variant, overrides, checkpoint).recipe
 
 
 def build_training_model(
@@ -42,6 +47,7 @@ def build_training_model(
         log(RANDOM_WEIGHTS_NOTICE.format(seed=seed))
         return model, WeightsInfo("seeded", seed)
     report = load_checkpoint(model, checkpoint, spec)
+    log(f"checkpoint: {describe_checkpoint(read_checkpoint(checkpoint))}")
     for line in report.lines():
         log(f"checkpoint: {line}")
     return model, WeightsInfo("checkpoint", seed, str(checkpoint.resolve()), sha256_file(checkpoint))

@@ -31,6 +31,8 @@ class Recipe:
     batch: str = "1"  # "1".."N" fixed, or "dynamic"
     binary_conv: str = "plugin"  # 1-bit layers as tod::BinaryConv2d nodes, or "decompose" (standard ops)
     model: dict[str, Any] = field(default_factory=dict)
+    # Class names by label index, where known (from the checkpoint's metadata or --classes).
+    classes: list[str] = field(default_factory=list)
     variant: str = ""
     default_variant: str = ""  # the variant the top-level settings already are (not named in file stems)
     # The paper's own figures for this configuration, so `inspect` can show the deviation.
@@ -72,6 +74,12 @@ class Recipe:
             raise UserError(f"unknown binary-conv mode {self.binary_conv!r}", "use --binary-conv plugin or decompose")
         if self.batch != "dynamic" and not (self.batch.isdigit() and int(self.batch) > 0):
             raise UserError(f"batch must be a positive integer or 'dynamic', got {self.batch!r}", "use --batch 1")
+        count = self.model.get("num_classes")
+        if self.classes and count is not None and len(self.classes) != int(count):
+            raise UserError(
+                f"{len(self.classes)} class names given for a model of {count} classes",
+                "pass --classes with one name per class, in label order, or --num-classes to match",
+            )
         h, w = self.input_size
         d = self.size_divisor
         if h < self.min_size or w < self.min_size:

@@ -1,17 +1,39 @@
-"""Method name -> how to build it. The only place that knows which papers exist."""
+"""Method name -> how to build it. The only place that knows which papers exist.
+
+The names are plain strings, so the command line can list them without importing the methods
+(and torch); a method's module is imported when it is asked for.
+"""
 
 from __future__ import annotations
 
-from tod_deploy.errors import UserError
-from tod_deploy.methods import bh, cfinet, dfr_det, sr_tod, thumbdet
-from tod_deploy.methods.base import MethodSpec
+import importlib
+from typing import TYPE_CHECKING
 
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (thumbdet.SPEC, sr_tod.SPEC, dfr_det.SPEC, cfinet.SPEC, bh.SPEC)
+from tod_deploy.errors import UserError
+
+if TYPE_CHECKING:
+    from tod_deploy.methods.base import MethodSpec
+
+METHOD_MODULES: dict[str, str] = {
+    "thumbdet": "tod_deploy.methods.thumbdet",
+    "sr_tod": "tod_deploy.methods.sr_tod",
+    "dfr_det": "tod_deploy.methods.dfr_det",
+    "cfinet": "tod_deploy.methods.cfinet",
+    "bh": "tod_deploy.methods.bh",
 }
 
 
+def method_names() -> list[str]:
+    return list(METHOD_MODULES)
+
+
 def get_method(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    if name not in METHOD_MODULES:
+        raise UserError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHOD_MODULES))}")
+    spec = importlib.import_module(METHOD_MODULES[name]).SPEC
+    assert spec.name == name, f"{METHOD_MODULES[name]} defines {spec.name}"
+    return spec
+
+
+def all_methods() -> list[MethodSpec]:
+    return [get_method(name) for name in METHOD_MODULES]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tod_deploy.checkpoints import read_checkpoint
 from tod_deploy.errors import UserError
 from tod_deploy.methods.base import MethodSpec
 
@@ -26,9 +27,9 @@ RANDOM_WEIGHTS_NOTICE = (
 class LoadReport:
     loaded: int
     missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
     training_only_ignored: list[str] = field(default_factory=list)
     training_only_loaded: list[str] = field(default_factory=list)
+    ema_ignored: list[str] = field(default_factory=list)  # an EMA hook's averaged copies (mmcv 1.x ema_* buffers)
 
     def lines(self) -> list[str]:
         out = [f"loaded {self.loaded} tensors"]
@@ -41,10 +42,10 @@ class LoadReport:
             out.append(
                 f"ignored {len(self.training_only_ignored)} training-only keys: {_sample(self.training_only_ignored)}"
             )
+        if self.ema_ignored:
+            out.append(f"ignored {len(self.ema_ignored)} EMA copies of the weights: {_sample(self.ema_ignored)}")
         if self.missing:
             out.append(f"missing {len(self.missing)} training-only keys (kept as initialised): {_sample(self.missing)}")
-        if self.unexpected:
-            out.append(f"unexpected {len(self.unexpected)} keys (ignored): {_sample(self.unexpected)}")
         return out
 
 
@@ -81,26 +82,9 @@ def seeded_init(model: nn.Module, seed: int) -> None:
                 tensor.add_(noise.to(tensor.dtype))
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors, unwrapped from the usual containers (model / state_dict / module.)."""
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist", "pass the path of a .pth file with --checkpoint")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises anything from IndexError to UnpicklingError on bad files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"cannot read checkpoint {path}: {reason[:160]}", "pass a PyTorch .pth saved with torch.save"
-        ) from exc
-    for wrapper in ("model", "state_dict", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(
-            f"checkpoint {path} holds no state dict", "pass a .pth whose 'model' or top level maps names to tensors"
-        )
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+def is_ema_copy(key: str) -> bool:
+    """mmcv 1.x EMA hooks keep an averaged copy of every parameter as a buffer ``ema_<name with _>``."""
+    return key.startswith("ema_") and "." not in key
 
 
 def load_checkpoint(model: nn.Module, path: Path, spec: MethodSpec) -> LoadReport:
@@ -108,9 +92,13 @@ def load_checkpoint(model: nn.Module, path: Path, spec: MethodSpec) -> LoadRepor
 
     Keys the deploy graph needs must all be present with the right shapes; keys of
     training-only parts may be absent (they are reported) or present (loaded, then dropped
-    by ``deploy()``).
+    by ``deploy()``). A key of no known part is refused: silently dropping a module that the
+    trainer ran at inference would export a different model.
     """
-    original = read_state_dict(path)
+    checkpoint = read_checkpoint(path)
+    original = checkpoint.state_dict
+    ema = [k for k in original if is_ema_copy(k)]
+    original = {k: v for k, v in original.items() if not is_ema_copy(k)}
     upstream_name = {spec.map_checkpoint_key(k): k for k in original}
     source = {spec.map_checkpoint_key(k): v for k, v in original.items()}
     target = model.state_dict()
@@ -120,9 +108,9 @@ def load_checkpoint(model: nn.Module, path: Path, spec: MethodSpec) -> LoadRepor
     for key, value in source.items():
         if key in target and target[key].shape != value.shape:
             raise UserError(
-                f"checkpoint {path.name} does not match {spec.name}: {key} has shape {tuple(value.shape)}, "
-                f"the model needs {tuple(target[key].shape)}",
-                "check the recipe's model settings (e.g. num_classes) or that this is a checkpoint of " + spec.name,
+                f"checkpoint {path.name} does not match {spec.name}: {upstream_name[key]} has shape "
+                f"{tuple(value.shape)}, the model needs {tuple(target[key].shape)}",
+                "check --num-classes and the recipe's model settings, or that this is a checkpoint of " + spec.name,
             )
     # Upstream aliases some modules (e.g. one class head repeated per decoder layer): a key is
     # satisfied when any alias of its tensor is in the checkpoint.
@@ -139,13 +127,20 @@ def load_checkpoint(model: nn.Module, path: Path, spec: MethodSpec) -> LoadRepor
             f"tensors {spec.name} needs at inference (e.g. {_sample(needed_missing)})",
             f"pass a checkpoint of {spec.name} (upstream key names) or check --method",
         )
+    unexpected = [upstream_name[k] for k in source if k not in target and not k.startswith(training_only)]
+    if unexpected:
+        raise UserError(
+            f"checkpoint {path.name} has {len(unexpected)} keys of no part of {spec.name} "
+            f"(e.g. {_sample(unexpected)}); without them the export would not be the model that was trained",
+            f"check --method and the model options (--detector, --backbone), or remove those keys if {spec.name} "
+            "never runs them",
+        )
     usable = {k: v for k, v in source.items() if k in target}
     model.load_state_dict(usable, strict=False)
-    unexpected = [k for k in source if k not in target]
     return LoadReport(
         loaded=len(usable),
         missing=[k for k in missing if k.startswith(training_only)],
-        unexpected=[upstream_name[k] for k in unexpected if not k.startswith(training_only)],
-        training_only_ignored=[upstream_name[k] for k in unexpected if k.startswith(training_only)],
+        training_only_ignored=[upstream_name[k] for k in source if k not in target],
+        ema_ignored=ema,
         training_only_loaded=[upstream_name[k] for k in usable if k.startswith(training_only)],
     )

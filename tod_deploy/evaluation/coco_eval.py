@@ -198,10 +198,17 @@ def detections_as_ground_truth(
     }
 
 
-def category_lookup(num_classes: int | None, categories: Sequence[Mapping[str, Any]], class_agnostic: bool) -> Any:
+def category_lookup(
+    num_classes: int | None,
+    categories: Sequence[Mapping[str, Any]],
+    class_agnostic: bool,
+    class_names: Sequence[str] = (),
+) -> Any:
     """A function label -> category id (or None to drop), from a model's contiguous labels 0..C-1.
 
     * ``class_agnostic``: every label -> the data set's first category (and evaluation ignores categories);
+    * the model's class names known and some equal to category names: label i -> the category named
+      like class i (by name, whatever the order or subset); classes no category is named like are dropped;
     * C equal to the number of categories: label i -> the i-th category by ascending id;
     * a 91-class COCO model (DETR layout, label = COCO category id) on a data set whose ids are
       within 1..90: label -> the same id; labels that are no category are dropped.
@@ -210,6 +217,16 @@ def category_lookup(num_classes: int | None, categories: Sequence[Mapping[str, A
     ids = sorted(int(c["id"]) for c in categories)
     if class_agnostic:
         return lambda _label: ids[0]
+    by_name = {str(c.get("name")): int(c["id"]) for c in categories if c.get("name") is not None}
+    if class_names and by_name:
+        mapped = [by_name.get(name) for name in class_names]
+        if not any(i is not None for i in mapped):
+            raise UserError(
+                f"none of the model's classes ({', '.join(class_names[:4])}, ...) is a category of the data set "
+                f"({', '.join(list(by_name)[:4])}, ...)",
+                "evaluate on data of the classes the model was trained on, or pass --class-agnostic",
+            )
+        return lambda label: mapped[label] if 0 <= label < len(mapped) else None
     if num_classes is None:
         raise UserError(
             "the model's number of classes is unknown, so its labels cannot be mapped to the data set's categories",

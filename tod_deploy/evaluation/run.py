@@ -89,6 +89,7 @@ class LoadedModel:
     input_size: tuple[int, int]
     num_classes: int | None
     runners: dict[str, Any]
+    class_names: list[str] = field(default_factory=list)
 
 
 def _static_input_size(model: Any, path: Path) -> tuple[int, int] | None:
@@ -151,13 +152,13 @@ def load_model(
                 f"--method runs the PyTorch model only, not {', '.join(b for b in names if b != 'torch')}",
                 "export it first (tod-deploy export) and evaluate the .onnx for other backends",
             )
-        recipe = resolve_recipe(method, None, {"input_size": input_size} if input_size else None)
+        recipe = resolve_recipe(method, None, {"input_size": input_size} if input_size else None, checkpoint)
         deploy, _ = build_deploy_model(recipe, checkpoint, 0, log)
         runners["torch"] = TorchRunner(deploy, list(CONTRACT_OUTPUTS))
         size = tuple(recipe.input_size)
         name = f"--method {method}"
     num_classes = recipe.model.get("num_classes")
-    return LoadedModel(name, recipe.method, (int(size[0]), int(size[1])), num_classes, runners)
+    return LoadedModel(name, recipe.method, (int(size[0]), int(size[1])), num_classes, runners, list(recipe.classes))
 
 
 def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str, Any]:
@@ -242,7 +243,7 @@ def evaluate_model(
         if model_path is None:
             raise UserError("--compare needs a model file to compare with", "pass the FP32 .onnx as the model")
         loaded.runners |= compare_runners(compare, loaded.input_size)
-    to_category = category_lookup(loaded.num_classes, coco.categories, class_agnostic)
+    to_category = category_lookup(loaded.num_classes, coco.categories, class_agnostic, loaded.class_names)
     report = EvalReport(
         loaded.name, loaded.method, loaded.input_size, str(data), str(images_dir), len(coco.images),
         class_agnostic, max_dets,

@@ -16,13 +16,14 @@ from typing import Any
 
 import onnx
 
+from tod_deploy.checkpoint_settings import resolve_recipe_with_checkpoint
 from tod_deploy.environment import environment, tod_deploy_version
 from tod_deploy.errors import UserError
 from tod_deploy.export.artifacts import sidecar_path, staged, write_json
 from tod_deploy.export.onnx import INPUT_NAME, export_to_onnx, kept_outputs
 from tod_deploy.export.passes import clean_graph, read_metadata
 from tod_deploy.export.verify import VerificationReport, verify_onnx
-from tod_deploy.models import build_deploy_model, parameter_count, resolve_recipe
+from tod_deploy.models import build_deploy_model, parameter_count
 from tod_deploy.recipes import Recipe
 from tod_deploy.runtimes import load_onnx
 
@@ -77,7 +78,10 @@ def export_model(
     extras: tuple[str, ...] = (),
     log: Log = print,
 ) -> ExportResult:
-    recipe = resolve_recipe(method, variant, overrides)
+    resolved = resolve_recipe_with_checkpoint(method, variant, overrides, checkpoint)
+    for line in resolved.lines():
+        log(line)
+    recipe = resolved.recipe
     onnx_path = Path(output_dir) / f"{name or recipe.stem()}.onnx"
     steps = Steps(4 if verify else 3, log)
 
@@ -119,6 +123,7 @@ def export_model(
         "method": method,
         "recipe": recipe.to_dict(),
         "weights": weights.to_dict(),
+        "settings": resolved.to_dict(),
         "raw_export": raw,
         "io": io_spec(model),
         "raw_tensors": list(deploy.raw_names),

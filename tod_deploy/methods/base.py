@@ -31,6 +31,10 @@ class DeployModel(nn.Module, ABC):
 
     raw_names: tuple[str, ...] = ()
     parity_names: tuple[str, ...] = ()
+    # Parity tensors in input pixels (e.g. decoded anchors): their rounding error scales with the image
+    # extent, not with each coordinate, so parity gives them an absolute tolerance of a few float32 ulps
+    # of that extent (export/verify.py PIXEL_ULPS), which matters for coordinates near 0.
+    pixel_outputs: tuple[str, ...] = ()
     extra_names: tuple[str, ...] = ()
     nms_iou: float | None = None  # the final NMS threshold, if the graph has one (parity excuses its near-ties)
     # The threshold final scores are cut at, if not the recipe's (FCOS cuts class probabilities
@@ -102,6 +106,9 @@ class MethodSpec:
     # Optional Callable[[set[str], nn.Module], None]: raise UserError when a checkpoint's keys show
     # it was trained with other layer options than the recipe's (before any tensor is loaded).
     check_checkpoint_keys: Any = None
+    # Upstream classifier tensors whose shape says how many classes a checkpoint was trained with,
+    # in the order looked for (checkpoint_settings.CLASS_TENSORS says how each is read).
+    class_tensors: tuple[str, ...] = ()
 
 
 Config = TypeVar("Config")

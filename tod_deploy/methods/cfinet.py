@@ -126,6 +126,7 @@ class CFINetDeploy(DeployModel):
 
     raw_names = TWO_STAGE_RAW
     parity_names = CRPN_DENSE
+    pixel_outputs = ("refined_anchors",)
     backbone_path = "net.backbone"
 
     def __init__(self, net: CFINet, recipe: Recipe) -> None:
@@ -166,4 +167,5 @@ SPEC = MethodSpec(
     build=build,
     map_checkpoint_key=lambda key: key,
     training_only_prefixes=("roi_head.fc_enc.", "roi_head.fc_proj."),
+    class_tensors=("roi_head.bbox_head.fc_cls.weight",),
 )

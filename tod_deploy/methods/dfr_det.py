@@ -212,4 +212,9 @@ SPEC = MethodSpec(
     map_checkpoint_key=lambda key: key,
     training_only_prefixes=("decoder.",),
     check_checkpoint_keys=check_binary_options,
+    class_tensors=(
+        "bbox_head.conv_cls.weight",
+        "bbox_head.retina_cls.weight",
+        "roi_head.bbox_head.fc_cls.weight",
+    ),
 )

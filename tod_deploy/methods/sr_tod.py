@@ -220,4 +220,9 @@ SPEC = MethodSpec(
     build=build,
     map_checkpoint_key=lambda key: key,
     training_only_prefixes=(),
+    class_tensors=(
+        "roi_head.bbox_head.fc_cls.weight",
+        "roi_head.bbox_head.0.fc_cls.weight",
+        "bbox_head.retina_cls.weight",
+    ),
 )

@@ -209,4 +209,5 @@ SPEC = MethodSpec(
     build=build,
     map_checkpoint_key=map_checkpoint_key,
     training_only_prefixes=("teacher.", "criterion."),
+    class_tensors=("class_embed.0.weight",),
 )
