@@ -43,3 +43,9 @@ def test_size_rules() -> None:
         load_recipe("thumbdet", overrides={"input_size": "800x1333", "size_divisor": 32})
     with pytest.raises(UserError, match="batch must be"):
         load_recipe("thumbdet", overrides={"batch": "0"})
+
+
+def test_droneswarms_keeps_1000_rpn_proposals() -> None:
+    recipe = load_recipe("sr_tod", "droneswarms")
+    assert (recipe.model["rpn_nms_pre"], recipe.model["rpn_max_per_img"], recipe.top_k) == (1000, 1000, 100)
+    assert load_recipe("sr_tod", "aitod").model["rpn_max_per_img"] == 3000
