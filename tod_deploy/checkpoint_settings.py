@@ -66,6 +66,18 @@ CONFIG_TO_RECIPE = {
     "rpn_iou": "model.rpn_iou",
     "nms_pre": "model.nms_pre",
     "anchor_scale": "model.anchor_scale",
+    "anchor_ratios": "model.anchor_ratios",
+    "nms_type_soft": "model.nms_type",
+    "soft_nms_min_score": "model.soft_nms_min_score",
+    "soft_nms_method": "model.soft_nms_method",
+    "soft_nms_sigma": "model.soft_nms_sigma",
+}
+# The config's soft-NMS settings under the names _applicable gives them (then CONFIG_TO_RECIPE).
+SOFT_NMS_KEYS = {
+    "nms_type": "nms_type_soft",
+    "min_score": "soft_nms_min_score",
+    "nms_method": "soft_nms_method",
+    "nms_sigma": "soft_nms_sigma",
 }
 
 
@@ -135,7 +147,7 @@ def from_checkpoint(
         else:
             skipped = parsed.skipped_names
             config = test_settings(parsed)
-        config = _applicable(config)
+        config = _applicable(config, recipe)
         for name, value in config.items():
             key = CONFIG_TO_RECIPE.get(name)
             if key is None or _lookup(recipe, key) is None and key.startswith("model."):
@@ -158,19 +170,25 @@ def from_checkpoint(
     return overrides, sources, skipped
 
 
-def _applicable(config: dict[str, Any]) -> dict[str, Any]:
-    """What of the config maps onto recipe keys as they mean the same thing.
+def _applicable(config: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """What of the config maps onto this recipe's keys with the same meaning.
 
-    A soft-NMS IoU is no hard-NMS threshold, so ``nms_iou`` is used only for plain NMS (soft-NMS
-    settings stay with the detector that implements it); one anchor scale is the recipe's
-    ``anchor_scale``; several test scales (multi-scale testing) leave the recipe's single size.
+    A soft-NMS IoU is no hard-NMS threshold: soft-NMS settings apply where the recipe has soft-NMS
+    (``model.nms_type``), else the IoU is dropped. One anchor scale is ``anchor_scale``; several
+    apply where the recipe takes an anchor list (``model.anchor_ratios``). Several test scales
+    (multi-scale testing) leave the recipe's single size.
     """
     applicable = dict(config)
-    if applicable.get("nms_type", "nms") != "nms":
+    soft = applicable.get("nms_type", "nms") == "soft_nms"
+    if soft and "nms_type" in recipe.model:
+        for name in ("nms_type", "min_score", "nms_method", "nms_sigma"):
+            if name in applicable:
+                applicable[SOFT_NMS_KEYS[name]] = applicable.pop(name)
+    elif applicable.get("nms_type", "nms") != "nms":
         applicable.pop("nms_iou", None)
     scales = applicable.get("anchor_scales")
-    if isinstance(scales, list) and len(scales) == 1:
-        applicable["anchor_scale"] = scales[0]
+    if isinstance(scales, list) and (len(scales) == 1 or "anchor_ratios" in recipe.model):
+        applicable["anchor_scale"] = scales[0] if len(scales) == 1 else scales
     return applicable
 
 

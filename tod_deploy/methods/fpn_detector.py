@@ -23,6 +23,7 @@ from tod_deploy.nn.heads.fcos import fcos_detections, fcos_points
 from tod_deploy.nn.heads.roi import RCNNTestConfig
 from tod_deploy.nn.heads.rpn import ProposalConfig
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
+from tod_deploy.nn.soft_nms import SoftNMSConfig
 from tod_deploy.recipes import Recipe
 
 FCOS_RAW = ("cls_logits", "bbox_distances", "centerness")
@@ -30,11 +31,14 @@ FCOS_RAW = ("cls_logits", "bbox_distances", "centerness")
 
 class FPNDetectorDeploy(DeployModel):
     """``net`` provides ``features(images)``, ``cfg`` (detector, nms_iou, nms_pre, rpn_nms_pre,
-    rpn_max_per_img) and the heads under mmdet's names (``bbox_head`` or ``rpn_head`` + ``roi_head``)."""
+    rpn_max_per_img) and the heads under mmdet's names (``bbox_head`` or ``rpn_head`` + ``roi_head``);
+    a net with a ``roi_head`` is a Faster R-CNN, whatever its neck. ``soft_nms`` replaces the R-CNN
+    stage's hard NMS (then ``cfg.nms_iou`` is soft-NMS's threshold, which parity's near-ties use)."""
 
     def __init__(
-        self, net: Any, recipe: Recipe, fcos_strides: tuple[int, ...], rpn_iou: float, backbone_label: str
-    ) -> None:
+        self, net: Any, recipe: Recipe, fcos_strides: tuple[int, ...], rpn_iou: float, backbone_label: str,
+        *, soft_nms: SoftNMSConfig | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.net = net
         cfg = net.cfg
@@ -42,27 +46,28 @@ class FPNDetectorDeploy(DeployModel):
         self.backbone_path = "net.backbone"
         self.top_k, self.score_threshold = recipe.top_k, recipe.score_threshold
         self.nms_iou = cfg.nms_iou
+        self.two_stage = hasattr(net, "roi_head")
         self.settings = TestSettings(
             ProposalConfig(cfg.rpn_nms_pre, cfg.rpn_max_per_img, rpn_iou),
-            RCNNTestConfig(recipe.score_threshold, cfg.nms_iou, recipe.top_k),
+            RCNNTestConfig(recipe.score_threshold, cfg.nms_iou, recipe.top_k, soft_nms),
             cfg.nms_pre,
         )
-        if cfg.detector == "fcos":
+        if self.two_stage:
+            self.raw_names, self.parity_names = TWO_STAGE_RAW, TWO_STAGE_DENSE
+        elif cfg.detector == "fcos":
             self.raw_names = self.parity_names = FCOS_RAW
             self.final_score_threshold = 0.0  # FCOS cuts class probabilities, then multiplies by centerness
-        elif cfg.detector == "retinanet":
-            self.raw_names = self.parity_names = RETINA_RAW
         else:
-            self.raw_names, self.parity_names = TWO_STAGE_RAW, TWO_STAGE_DENSE
+            self.raw_names = self.parity_names = RETINA_RAW
 
     def run(self, images: Tensor) -> dict[str, Tensor]:
         net = self.net
         feats = net.features(images)
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
+        if self.two_stage:
+            return two_stage_outputs(net.rpn_head, net.roi_head, feats, image_hw, self.settings)
         if net.cfg.detector == "retinanet":
             return retina_outputs(net.bbox_head, feats, image_hw, self.settings)
-        if net.cfg.detector == "faster_rcnn":
-            return two_stage_outputs(net.rpn_head, net.roi_head, feats, image_hw, self.settings)
         logits, distances, centerness = net.bbox_head(feats)
         dets = fcos_detections(
             logits, distances, centerness, fcos_points(feats, self.fcos_strides), image_hw, net.cfg.nms_pre,
@@ -75,5 +80,5 @@ class FPNDetectorDeploy(DeployModel):
     def complexity_parts(self) -> dict[str, str]:
         detector = self.net.cfg.detector
         two_stage = {"RPN head": "net.rpn_head", "RoI head": "net.roi_head"}
-        heads = two_stage if detector == "faster_rcnn" else {f"{detector} head": "net.bbox_head"}
-        return {self.backbone_label: "net.backbone", "FPN": "net.neck", **heads}
+        heads = two_stage if self.two_stage else {f"{detector} head": "net.bbox_head"}
+        return {self.backbone_label: "net.backbone", type(self.net.neck).__name__: "net.neck", **heads}

@@ -1,8 +1,8 @@
 """mmdet's RoI side: multi-level RoIAlign, Shared2FC box head, standard and cascade RoI heads.
 
-Exported with standard ONNX ops (RoiAlign, Softmax, NonMaxSuppression, TopK). RoIs of other
-levels are replaced by an empty box before each level's RoIAlign, which costs one sample per
-bin; the graph stays batch-generic with no data-dependent shapes.
+Exported with standard ONNX ops (RoiAlign, Softmax, NonMaxSuppression or soft-NMS's Loop, TopK).
+RoIs of other levels are replaced by an empty box before each level's RoIAlign, which costs one
+sample per bin; the graph stays batch-generic with no data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from tod_deploy.nn.anchors import decode_deltas
-from tod_deploy.nn.postprocess import grouped_nms_topk, pad_past_threshold
+from tod_deploy.nn.postprocess import grouped_nms_topk, pad_invalid, pad_past_threshold
+from tod_deploy.nn.soft_nms import SoftNMSConfig, soft_nms
 
 
 @dataclass(frozen=True)
 class RCNNTestConfig:
     score_threshold: float = 0.05
-    iou_threshold: float = 0.5
+    iou_threshold: float = 0.5  # hard NMS; unused with soft_nms, which carries its own
     max_per_img: int = 100
+    soft_nms: SoftNMSConfig | None = None  # mmcv soft-NMS instead of hard NMS (mmdet's nms type 'soft_nms')
 
 
 def rois_with_batch_index(boxes: Tensor) -> Tensor:
@@ -100,13 +102,23 @@ def detections_from_rois(
     boxes = decode_deltas(rois[:, :, None, :].expand(n, p, c, 4), per_class, head.stds, image_hw)
     labels = torch.arange(c, device=rois.device).view(1, 1, c).expand(n, p, c)
     candidates = valid[:, :, None] & (probs > cfg.score_threshold)
-    top_boxes, top_scores, index, keep = grouped_nms_topk(
-        boxes.reshape(n, p * c, 4), probs.reshape(n, p * c), labels.reshape(n, p * c),
-        candidates.reshape(n, p * c), cfg.iou_threshold, cfg.max_per_img,
-    )  # fmt: skip
+    flat = (boxes.reshape(n, p * c, 4), probs.reshape(n, p * c), labels.reshape(n, p * c), candidates.reshape(n, p * c))
+    if cfg.soft_nms is not None:
+        return soft_nms_detections(*flat, cfg.soft_nms, max_per_img=cfg.max_per_img)
+    top_boxes, top_scores, index, keep = grouped_nms_topk(*flat, cfg.iou_threshold, cfg.max_per_img)
     top_labels = torch.remainder(index, c)
     top_scores = torch.where(keep, top_scores, torch.zeros_like(top_scores))
     return pad_past_threshold(top_boxes, top_scores, top_labels, cfg.score_threshold)
+
+
+def soft_nms_detections(
+    boxes: Tensor, scores: Tensor, labels: Tensor, candidates: Tensor, cfg: SoftNMSConfig, *, max_per_img: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mmdet's ``multiclass_nms`` with ``nms=dict(type='soft_nms')``: the picks in soft-NMS order with
+    their decayed scores (every pick is a detection, as in mmdet; no second score cut)."""
+    index, scores_out, keep = soft_nms(boxes, scores, candidates, labels, cfg, max_outputs=max_per_img)
+    picked_boxes = torch.gather(boxes, 1, index[..., None].expand(*index.shape, 4))
+    return pad_invalid(picked_boxes, scores_out, torch.gather(labels, 1, index), keep)
 
 
 class StandardRoIHead(nn.Module):
