@@ -99,9 +99,6 @@ class ResolvedRecipe:
         if self.skipped_config:
             shown = ", ".join(self.skipped_config[:5]) + (", ..." if len(self.skipped_config) > 5 else "")
             out.append(f"checkpoint config: not plain data, not read (never run): {shown}")
-        if self.recipe.classes:
-            names = ", ".join(self.recipe.classes[:6]) + (", ..." if len(self.recipe.classes) > 6 else "")
-            out.append(f"classes: {names} ({self.sources.get('classes', RECIPE)})")
         return out
 
     def to_dict(self) -> dict[str, Any]:
