@@ -9,7 +9,6 @@ setting came from is printed and kept in the sidecar.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from tod_deploy.checkpoints import TrainingCheckpoint, read_checkpoint
 from tod_deploy.errors import UserError
-from tod_deploy.recipes import Recipe, load_recipe
+from tod_deploy.recipes import Recipe, deep_merge, load_recipe
 from tod_deploy.registry import get_method
 from tod_deploy.upstream_config import ConfigTextError, parse_config_text, test_settings
 
@@ -193,16 +192,6 @@ def _round_up(value: int, divisor: int) -> int:
     return -(-value // max(divisor, 1)) * max(divisor, 1)
 
 
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def read_class_names(path: Path) -> list[str]:
     """``--classes names.txt``: one class name per line (blank lines and # comments skipped)."""
     if not path.is_file():
@@ -227,7 +216,7 @@ def resolve_recipe_with_checkpoint(
     base = load_recipe(method, variant, {key: value for key, value in flags.items() if key != "classes"})
     training = read_checkpoint(checkpoint)
     implied, implied_sources, skipped = from_checkpoint(base, training, spec.class_tensors)
-    recipe = load_recipe(method, variant, _merge(implied, flags))
+    recipe = load_recipe(method, variant, deep_merge(implied, flags))
     for key, source in implied_sources.items():
         sources.setdefault(key, source)
     return ResolvedRecipe(recipe, sources, training, skipped)

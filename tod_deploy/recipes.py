@@ -116,11 +116,12 @@ def parse_input_size(value: Any) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``, dicts merged key by key (recipe < variant < checkpoint < flags)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -152,7 +153,7 @@ def load_recipe(
             raise UserError(
                 f"recipe {method} has no variant {variant!r}", f"choose one of: {', '.join(sorted(variants))}"
             )
-        data = _deep_merge(data, variants[variant])
+        data = deep_merge(data, variants[variant])
         data["variant"] = variant
-    data = _deep_merge(data, overrides or {})
+    data = deep_merge(data, overrides or {})
     return Recipe.from_dict(data)
