@@ -271,3 +271,18 @@ def test_sidecar_settings_are_json(sr_tod_mmengine: tuple[Path, Any, list[str]])
     _, result, _ = sr_tod_mmengine
     sidecar = json.loads(result.sidecar_path.read_text())
     assert sidecar["settings"]["score_threshold"]["value"] == 0.3
+
+
+def test_names_from_the_file_cannot_reach_the_terminal_raw(tmp_path: Path) -> None:
+    """A global's name is text of the pickle's choosing: an escape sequence in it is shown escaped."""
+    import zipfile
+
+    pickle_bytes = b"\x80\x02c\x1b[31mevil\nthing\n)R."  # GLOBAL '<ESC>[31mevil thing', call it with ()
+    with zipfile.ZipFile(tmp_path / "ansi.pth", "w") as archive:  # torch's zip layout
+        archive.writestr("ansi/data.pkl", pickle_bytes)
+        archive.writestr("ansi/byteorder", "little")
+        archive.writestr("ansi/version", "3\n")
+    with pytest.raises(UserError) as caught:
+        build_training_model(load_recipe("sr_tod", overrides={"input_size": "256x256"}), tmp_path / "ansi.pth",
+                             log=quiet)  # fmt: skip
+    assert "\x1b" not in caught.value.line() and "\\x1b[31mevil" in caught.value.line()

@@ -164,13 +164,21 @@ def _unreadable(path: Path, exc: BaseException) -> UserError:
         return _refused(path, blocked.group(1))
     lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
     reason = (lines or [type(exc).__name__])[0]
-    return UserError(f"cannot read checkpoint {path.name}: {reason[:200]}", "pass a PyTorch .pth saved with torch.save")
+    return UserError(
+        f"cannot read checkpoint {printable(path.name)}: {printable(reason[:200])}",
+        "pass a PyTorch .pth saved with torch.save",
+    )
+
+
+def printable(text: str) -> str:
+    """Text from the file as it may be shown on a terminal: control characters (ANSI escapes) escaped."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def _refused(path: Path, global_name: str) -> UserError:
     return UserError(
-        f"checkpoint {path.name} calls {global_name} while loading, which a checkpoint has no reason to do; "
-        "refused (nothing it asked for was run)",
+        f"checkpoint {printable(path.name)} calls {printable(global_name)} while loading, which a checkpoint has no "
+        "reason to do; refused (nothing it asked for was run)",
         "use a checkpoint from a source you trust, or " + RESAVE_FIX,
     )
 
