@@ -82,11 +82,10 @@ SOFT_NMS_KEYS = {
 
 @dataclass
 class ResolvedRecipe:
-    """The recipe an export uses and, per setting that differs from nothing, where it came from."""
+    """The recipe an export uses and, for each setting a flag or the checkpoint gave, where it came from."""
 
     recipe: Recipe
     sources: dict[str, str] = field(default_factory=dict)  # "top_k" / "model.num_classes" -> source
-    checkpoint: TrainingCheckpoint | None = None
     skipped_config: list[str] = field(default_factory=list)  # config assignments not read (not plain data)
 
     def lines(self) -> list[str]:
@@ -94,7 +93,7 @@ class ResolvedRecipe:
         out = []
         for key, source in sorted(self.sources.items()):
             if source != RECIPE:
-                out.append(f"setting {key} = {_show(_lookup(self.recipe, key))} (from the {source})")
+                out.append(f"setting {key} = {_show(key, _lookup(self.recipe, key))} (from the {source})")
         if self.skipped_config:
             shown = ", ".join(self.skipped_config[:5]) + (", ..." if len(self.skipped_config) > 5 else "")
             out.append(f"checkpoint config: not plain data, not read (never run): {shown}")
@@ -104,8 +103,8 @@ class ResolvedRecipe:
         return {key: {"value": _lookup(self.recipe, key), "from": src} for key, src in sorted(self.sources.items())}
 
 
-def _show(value: Any) -> str:
-    return "x".join(map(str, value)) if isinstance(value, list | tuple) and len(value) == 2 else str(value)
+def _show(key: str, value: Any) -> str:
+    return "x".join(map(str, value)) if key == "input_size" else str(value)
 
 
 def _lookup(recipe: Recipe, key: str) -> Any:
@@ -219,4 +218,4 @@ def resolve_recipe_with_checkpoint(
     recipe = load_recipe(method, variant, deep_merge(implied, flags))
     for key, source in implied_sources.items():
         sources.setdefault(key, source)
-    return ResolvedRecipe(recipe, sources, training, skipped)
+    return ResolvedRecipe(recipe, sources, skipped)
