@@ -11,7 +11,6 @@ with its reason. ``doctor --gpu`` (``trt/gpu_selftest.py``) goes on to run the C
 from __future__ import annotations
 
 import ast
-import importlib.metadata
 import importlib.util
 import platform
 import re
@@ -23,8 +22,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from tod_deploy.environment import cpu_model
-from tod_deploy.errors import UserError
+from tod_deploy.environment import cpu_model, installed_version
+from tod_deploy.errors import UserError, first_line
 from tod_deploy.ops import binary_conv_cpu
 from tod_deploy.trt import kernels
 from tod_deploy.trt.cuda_driver import GpuProbe, probe_gpus
@@ -101,17 +100,6 @@ class DoctorReport:
 # --- probes (each fast, none raises) -------------------------------------------------------------
 
 
-def one_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
-def installed_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def parse_cpuinfo(text: str) -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo ("vendor_id", "model name", "flags", ...)."""
     fields: dict[str, str] = {}
@@ -154,7 +142,7 @@ def probe_onnxruntime() -> tuple[Component, tuple[str, ...]]:
 
         providers = tuple(onnxruntime.get_available_providers())
     except Exception as exc:
-        problem = f"fails to import ({one_line(exc)})"
+        problem = f"fails to import ({first_line(exc)})"
         return Component("onnxruntime", problem=problem, install="pip install --force-reinstall onnxruntime"), ()
     return Component("onnxruntime", onnxruntime.__version__, "providers: " + ", ".join(providers)), providers
 
@@ -203,7 +191,7 @@ def probe_torch(gpu: GpuProbe) -> tuple[Component, str | None, bool]:
 
             available, why = torch.cuda.is_available(), "torch.cuda.is_available() is False"
         except Exception as exc:
-            available, why = False, one_line(exc)
+            available, why = False, first_line(exc)
     state = "available" if available else f"unavailable ({why})"
     detail = f"{f'CUDA {build}' if build else 'CPU-only'} build; torch.cuda {state}"
     return Component("torch", version, detail), build, available
@@ -227,7 +215,8 @@ def probe_nvcc() -> Component:
     try:
         done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return Component("nvcc", problem=f"{path} does not run ({one_line(exc)})", install="reinstall the CUDA toolkit")
+        problem = f"{path} does not run ({first_line(exc)})"
+        return Component("nvcc", problem=problem, install="reinstall the CUDA toolkit")
     release = re.search(r"release (\d+\.\d+)", done.stdout)
     return Component("nvcc", release.group(1) if release else "unknown", path)
 
@@ -256,7 +245,7 @@ def probe_tensorrt() -> Component:
     except Exception as exc:  # ImportError of its libraries, OSError, ...
         return Component(
             "TensorRT",
-            problem=f"installed but fails to import ({type(exc).__name__}: {one_line(exc)})",
+            problem=f"installed but fails to import ({type(exc).__name__}: {first_line(exc)})",
             install="reinstall TensorRT 11: pip install --force-reinstall 'tensorrt>=11'",
         )
     return Component("TensorRT", getattr(tensorrt, "__version__", "unknown"))

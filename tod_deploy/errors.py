@@ -18,3 +18,8 @@ class UserError(Exception):
 
     def line(self) -> str:
         return f"{self.problem}; {self.fix}" if self.fix else self.problem
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line report."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

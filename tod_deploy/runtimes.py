@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from tod_deploy.errors import UserError
+from tod_deploy.errors import UserError, first_line
 from tod_deploy.methods.base import DeployModel
 
 
@@ -24,7 +24,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:  # onnx raises DecodeError, ValidationError, ValueError, ... for bad files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = first_line(exc, 160)
         raise UserError(f"{path} is not a valid ONNX model ({reason})", "re-export it with tod-deploy export") from exc
     if not model.graph.node:
         raise UserError(f"{path} is not a valid ONNX model (empty graph)", "re-export it with tod-deploy export")
@@ -64,7 +64,7 @@ class OnnxRuntimeRunner:
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            reason = first_line(exc)
             raise UserError(f"onnxruntime cannot load the model ({reason})", "re-export it with tod-deploy") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]

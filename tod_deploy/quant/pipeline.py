@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from tod_deploy.errors import UserError
+from tod_deploy.errors import UserError, first_line
 from tod_deploy.quant import calibration
 from tod_deploy.quant.graph import GraphRoles, graph_roles, match_patterns
 
@@ -159,7 +159,7 @@ def _load(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:  # DecodeError, ValidationError, ValueError, ... for bad files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = first_line(exc, 160)
         raise UserError(f"{path} is not a valid ONNX model ({reason})", "re-export it with tod-deploy export") from exc
     if not model.graph.node:
         raise UserError(f"{path} is not a valid ONNX model (empty graph)", "re-export it with tod-deploy export")

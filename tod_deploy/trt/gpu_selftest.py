@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.metadata
 import statistics
 import time
 from collections import defaultdict
@@ -30,7 +29,8 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from tod_deploy.errors import UserError
+from tod_deploy.environment import installed_version
+from tod_deploy.errors import UserError, first_line
 from tod_deploy.export.artifacts import staged, write_json
 from tod_deploy.ops import binary_conv_cpu
 from tod_deploy.ops.binary_conv_cases import (
@@ -399,10 +399,6 @@ def ptx_compiler() -> str:
     return f"nvcc ({nvcc})" if nvcc else "NVRTC (cuda-python)"
 
 
-def one_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
 # --- the GPU (torch for buffers, streams and baselines; the driver API for the kernel) ---------------
 
 
@@ -428,17 +424,10 @@ def run_selftest(gpu: GpuProbe, *, log: Callable[[str], None] = print) -> SelfTe
     versions = {
         "torch": torch.__version__,
         "cudnn": str(torch.backends.cudnn.version()),
-        "cuda-bindings": _version("cuda-bindings"),
+        "cuda-bindings": installed_version("cuda-bindings") or "not installed",
     }
     elapsed = time.perf_counter() - started
     return SelfTestReport(device, gpu, arch, compiler, versions, results, tuple(stages), elapsed)
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _torch_with_cuda() -> Any:
@@ -536,7 +525,7 @@ class KernelRunner:
             with _cudnn(self.torch, fp32_precision):
                 return Timing(key, self.median_ms(fn))
         except Exception as exc:  # torch raises RuntimeError and friends for unsupported kernels
-            return Timing(key, skipped=one_line(exc))
+            return Timing(key, skipped=first_line(exc))
 
 
 @contextlib.contextmanager
