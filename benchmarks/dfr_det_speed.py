@@ -21,8 +21,8 @@ import onnxruntime as ort
 
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model, recipe_of
-from tod_deploy.export.verify import verification_images
 from tod_deploy.ops.ort_binary_conv import BinaryConvSession, session_options
+from tod_deploy.parity.comparator import verification_images
 from tod_deploy.runtimes import OnnxRuntimeRunner, load_onnx
 
 

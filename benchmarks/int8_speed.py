@@ -30,7 +30,7 @@ import onnx
 
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model, recipe_of
-from tod_deploy.export.verify import verification_images
+from tod_deploy.parity.comparator import verification_images
 from tod_deploy.quant.pipeline import quantize_model
 from tod_deploy.runtimes import OnnxRuntimeRunner
 

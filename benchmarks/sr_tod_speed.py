@@ -22,9 +22,9 @@ import torch
 from tod_deploy.bench.run import bench_model
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model, recipe_of
-from tod_deploy.export.verify import verification_images
 from tod_deploy.inspection import inspect_method
 from tod_deploy.models import build_training_model
+from tod_deploy.parity.comparator import verification_images
 from tod_deploy.runtimes import OnnxRuntimeRunner, load_onnx
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: small exports reused across test modules (ThumbDet: export, verify, bench, CLI; CFINet)."""
+"""Shared fixtures: small exports reused across test modules (ThumbDet: export, verify, bench, CLI; CFINet;
+SR-TOD: parity)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,9 @@ def small_onnx(small_export: ExportResult) -> Path:
 def small_cfinet(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
     out = tmp_path_factory.mktemp("cfinet")
     return export_model("cfinet", out, overrides={"input_size": "256x256", "top_k": 100}, log=lambda _line: None)
+
+
+@pytest.fixture(scope="session")
+def sr_tod_small(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    out = tmp_path_factory.mktemp("sr_tod")
+    return export_model("sr_tod", out, overrides={"input_size": "256x256", "top_k": 100}, log=lambda _line: None)

@@ -99,13 +99,13 @@ def test_other_detectors_export_with_parity(tmp_path: Path, detector: str) -> No
     report = result.verification
     assert report.ok, report.failure()
     assert report.teacher_forced_layers == (16 + 8 * 5 if detector == "retinanet" else 16)
-    assert next(o for o in report.outputs if o.name == "binary layers").max_abs < 1e-4
+    assert report.decision("binary layers").output.max_abs < 1e-4
 
 
 def test_teacher_forcing_is_what_makes_parity_exact(tmp_path: Path) -> None:
     """Without it, one rounding-level sign flip would cascade; with it every binary layer is exact."""
     result = export_model("dfr_det", tmp_path, overrides={**SMALL, "binary_conv": "plugin"}, log=quiet)
-    layers = next(o for o in result.verification.outputs if o.name == "binary layers")
+    layers = result.verification.decision("binary layers").output
     assert layers.total > 1_000_000 and layers.max_abs == 0.0
 
 

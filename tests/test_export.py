@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from tod_deploy.errors import UserError
 from tod_deploy.export.passes import expose_tensors
 from tod_deploy.export.pipeline import ExportResult, export_model
 from tod_deploy.models import build_training_model, parameter_count
+from tod_deploy.parity.policy import FP32
 from tod_deploy.recipes import load_recipe
 
 
@@ -107,7 +109,7 @@ def test_failed_verification_leaves_no_artifact(tmp_path: Path, monkeypatch: pyt
     real = pipeline.verify_onnx
 
     def strict_verify(*args: object, **kwargs: object) -> object:
-        return real(*args, **{**kwargs, "atol": 0.0, "rtol": 0.0})  # no real export is bit-exact
+        return real(*args, **{**kwargs, "policy": replace(FP32, atol=0.0, rtol=0.0)})  # no export is bit-exact
 
     monkeypatch.setattr(pipeline, "verify_onnx", strict_verify)
     with pytest.raises(UserError, match=r"verification failed, nothing written: output pred_\w+: \d+ of \d+ elements"):

@@ -101,7 +101,7 @@ def test_fp16_thumbdet_close_to_fp32(thumbdet_fp16: QuantizeResult) -> None:
     err = errors(thumbdet_fp16)
     # measured 0.0042 (logits up to ~7) and 0.0004 (boxes in 0..1); FP16 in the decoder tail would cost more
     assert err["pred_logits"] < 0.05 and err["pred_boxes"] < 0.01, err
-    assert thumbdet_fp16.comparison.matched_fraction() == 1.0  # IoU >= 0.9, score within 0.01
+    assert thumbdet_fp16.comparison.detections.matched_fraction() == 1.0  # IoU >= 0.9, score within 0.01
     assert sum(1 for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16) > 100
 
 
@@ -141,7 +141,7 @@ def test_int8_thumbdet_close_to_fp32(thumbdet_int8: QuantizeResult) -> None:
     # measured 0.115 on logits of magnitude ~7 and 97% of detections matched (IoU >= 0.5, score within 0.05);
     # calibrating on unscaled or wrongly ordered pixels, or an asymmetric range, breaks both by far
     assert err["pred_logits"] < 0.5 and err["pred_boxes"] < 0.05, err
-    assert thumbdet_int8.comparison.matched_fraction() > 0.8
+    assert thumbdet_int8.comparison.detections.matched_fraction() > 0.8
 
 
 def test_int8_qdq_symmetric_and_where_configured(thumbdet_int8: QuantizeResult, small_export: ExportResult) -> None:
@@ -171,7 +171,7 @@ def test_int8_two_stage(cfinet_export: ExportResult, tmp_path: Path) -> None:
     model = assert_runs_like_an_export(result, "int8")
     summary = qdq_summary(model)
     assert summary.nonzero_zero_points == [] and len(summary.quantized_layers) > 50
-    rms = result.comparison.rel_rms
+    rms = {o.name: o.rel_rms for o in result.comparison.outputs}
     # measured relative RMS error 0.06-0.15 on the RPN maps (random-weight ResNet-50 + FPN, 4 calibration
     # samples); calibrating on mis-scaled pixels saturates the stem's successors and lands near 1
     assert rms["rpn_cls_logits"] < 0.35 and rms["rpn_bbox_deltas"] < 0.35, rms

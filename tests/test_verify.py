@@ -1,26 +1,87 @@
-"""The parity checker itself: tolerances, detection matching, and catching a broken graph."""
+"""The parity checker itself: tolerances, decisions judged by their margin, detection matching,
+and catching a broken graph."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
+import torch
 from onnx import numpy_helper
 
-from tod_deploy.export.pipeline import read_sidecar, rebuild_deploy_model, recipe_of, reverify
-from tod_deploy.export.verify import DetectionAgreement, agree_detections, compare_arrays, verify_onnx
+from tod_deploy.export.pipeline import (
+    ExportResult,
+    read_sidecar,
+    rebuild_deploy_model,
+    recipe_of,
+    reverify,
+)
+from tod_deploy.export.verify import verify_onnx
+from tod_deploy.parity.comparator import compare_into, verification_images
+from tod_deploy.parity.decisions import DecisionRecord, DecisionSite, judge
+from tod_deploy.parity.detections import DetectionRule, agree_detections, box_iou, new_agreement
+from tod_deploy.parity.policy import FP32, PRECISION_POLICIES
+from tod_deploy.parity.report import DecisionParity, OutputParity
+
+
+def compare_arrays(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> OutputParity:
+    row = OutputParity("x", atol, rtol)
+    compare_into(row, ref, got, replace(FP32, atol=atol, rtol=rtol))
+    return row
 
 
 def test_element_fails_only_above_both_tolerances() -> None:
     ref = np.array([1.0, 100.0, 0.0, 1e-6])
     got = np.array([1.0 + 5e-5, 100.05, 2e-4, 2e-6])
     # 5e-5 < atol; 0.05 > atol but < rtol*100; 2e-4 > atol and > rtol*0; 1e-6 < atol
-    p = compare_arrays("x", ref, got, atol=1e-4, rtol=1e-3)
-    assert p.failing == 1 and p.max_abs == np.float64(2e-4) or abs(p.max_abs - 0.05) < 1e-9
-    assert compare_arrays("x", ref, ref, 0, 0).failing == 0
-    assert compare_arrays("x", ref, np.array([np.nan, 100.0, 0.0, 1e-6]), 1, 1).failing == 1
-    assert compare_arrays("x", ref, ref[:2], 1, 1).failing == ref.size
+    p = compare_arrays(ref, got, atol=1e-4, rtol=1e-3)
+    assert p.failing == 1 and abs(p.max_abs - 0.05) < 1e-9
+    assert compare_arrays(ref, ref, 0, 0).failing == 0
+    assert compare_arrays(ref, np.array([np.nan, 100.0, 0.0, 1e-6]), 1, 1).failing == 1
+    assert compare_arrays(ref, ref[:2], 1, 1).failing == ref.size
+
+
+def test_rel_rms_accumulates_over_inputs() -> None:
+    row = OutputParity("x", 1.0, 1.0)
+    for _ in range(2):
+        compare_into(row, np.array([3.0, 4.0]), np.array([3.0, 4.5]), FP32)
+    assert row.rel_rms == pytest.approx(0.5 / 5.0) and row.total == 4
+
+
+def _sign_record(ref_in: list[float], got_in: list[float]) -> DecisionRecord:
+    ref, got = np.array(ref_in, np.float32), np.array(got_in, np.float32)
+    site = DecisionSite("threshold", "net.mask_sign", "sub", "sign")
+    return DecisionRecord(site, ref, got, np.sign(ref), np.sign(got), np.sign(got), np.sign(got))
+
+
+def _judged(record: DecisionRecord) -> DecisionParity:
+    row = DecisionParity("mask", "threshold", 1, OutputParity("mask input", 1e-4, 1e-3), OutputParity("mask", 0, 0))
+    judge(record, row, FP32)
+    return row
+
+
+def test_a_flip_at_the_threshold_is_excused() -> None:
+    # 3e-5 and -2e-5 straddle the boundary 0 but agree within atol 1e-4: legitimate rounding.
+    row = _judged(_sign_record([0.5, 3e-5, -0.2], [0.5, -2e-5, -0.2]))
+    assert (row.flips, row.excused, row.decisions) == (1, 1, 3) and row.ok
+    assert row.flips_line() == "1 flip at the threshold, excused"
+
+
+def test_a_flip_away_from_the_threshold_fails() -> None:
+    # 0.015 vs -0.005: a threshold moved by 0.02, not rounding.
+    row = _judged(_sign_record([0.5, 0.015, -0.2], [0.5, -0.005, -0.2]))
+    assert (row.flips, row.excused) == (1, 0) and not row.ok
+    assert "1 of 3 decisions flipped away from the threshold" in row.failure()
+
+
+def test_forced_output_must_follow_the_backend_decision() -> None:
+    record = _sign_record([0.5, 0.1], [0.5, 0.1])
+    record.got_output = np.array([1.0, -1.0], np.float32)  # the backend's Sign disagrees with its own input
+    row = _judged(record)
+    assert row.flips == 0 and not row.ok and "teacher-forced" in row.failure()
 
 
 def _dets(boxes: list[list[float]], scores: list[float], labels: list[int]) -> dict[str, np.ndarray]:
@@ -32,18 +93,21 @@ def _dets(boxes: list[list[float]], scores: list[float], labels: list[int]) -> d
     }
 
 
+def _agree(ref: dict, got: dict, nms_iou: float | None = None, policy=FP32):  # noqa: ANN001, ANN202
+    agreement = new_agreement(policy)
+    agree_detections(ref, got, DetectionRule(0.0, nms_iou), agreement, policy)
+    return agreement
+
+
 def test_detections_match_regardless_of_order() -> None:
     ref = _dets([[0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 6, 6]], [0.9, 0.8, 0.1], [1, 2, 3])
     got = _dets([[20, 20, 40, 40], [0, 0, 10, 10], [5, 5, 6, 6]], [0.8, 0.9, 0.1], [2, 1, 3])
-    agreement = DetectionAgreement()
-    agree_detections(ref, got, 0.0, agreement)
+    agreement = _agree(ref, got)
     # the last one sits on the top-K boundary and is not checked
     assert agreement.checked == 2 and agreement.matched == 2 and agreement.ok
 
 
 def test_zero_area_boxes_match_only_themselves() -> None:
-    from tod_deploy.export.verify import box_iou
-
     points = np.array([[5.0, 5.0, 5.0, 5.0], [7.0, 7.0, 7.0, 7.0]])
     assert box_iou(points, points).tolist() == [[1.0, 0.0], [0.0, 1.0]]
 
@@ -51,9 +115,9 @@ def test_zero_area_boxes_match_only_themselves() -> None:
 def test_detections_disagree_on_label_or_box() -> None:
     ref = _dets([[0, 0, 10, 10], [20, 20, 40, 40], [0, 0, 1, 1]], [0.9, 0.8, 0.1], [1, 2, 3])
     got = _dets([[0, 0, 10, 12], [20, 20, 40, 40], [0, 0, 1, 1]], [0.9, 0.8, 0.1], [1, 5, 3])
-    agreement = DetectionAgreement()
-    agree_detections(ref, got, 0.0, agreement)
+    agreement = _agree(ref, got)
     assert agreement.matched == 0 and not agreement.ok and agreement.min_iou < 0.99
+    assert _agree(ref, got, policy=PRECISION_POLICIES["int8"]).matched == 1  # IoU 0.83 passes int8's 0.5
 
 
 def test_nms_near_tie_is_excused_but_a_real_swap_is_not() -> None:
@@ -61,15 +125,12 @@ def test_nms_near_tie_is_excused_but_a_real_swap_is_not() -> None:
     # at IoU 0.68 > the NMS threshold 0.5: which of the two survives depends on a 4e-5 tie.
     ref = _dets([[0, 0, 10, 10], [50, 50, 60, 60], [90, 90, 99, 99]], [0.9, 0.30000, 0.1], [1, 1, 2])
     tie = _dets([[0, 0, 10, 10], [51, 51, 61, 61], [90, 90, 99, 99]], [0.9, 0.30004, 0.1], [1, 1, 2])
-    agreement = DetectionAgreement()
-    agree_detections(ref, tie, 0.0, agreement, nms_iou=0.5)
+    agreement = _agree(ref, tie, nms_iou=0.5)
     assert agreement.checked == 2 and agreement.matched == 1 and agreement.near_ties == 1 and agreement.ok
     gap = _dets([[0, 0, 10, 10], [51, 51, 61, 61], [90, 90, 99, 99]], [0.9, 0.35, 0.1], [1, 1, 2])
-    agreement = DetectionAgreement()
-    agree_detections(ref, gap, 0.0, agreement, nms_iou=0.5)
+    agreement = _agree(ref, gap, nms_iou=0.5)
     assert agreement.near_ties == 0 and not agreement.ok  # a 0.05 score gap is no tie
-    agreement = DetectionAgreement()
-    agree_detections(ref, tie, 0.0, agreement, nms_iou=None)  # no NMS in the graph: no excuse
+    agreement = _agree(ref, tie, nms_iou=None)  # no NMS in the graph: no excuse
     assert agreement.near_ties == 0 and not agreement.ok
 
 
@@ -88,3 +149,72 @@ def test_verify_catches_a_corrupted_weight(small_onnx: Path) -> None:
 def test_reverify_from_file(small_onnx: Path) -> None:
     report = reverify(small_onnx, log=lambda _l: None)
     assert report.ok and report.inputs == 3
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def _set_initializer(model: onnx.ModelProto, name: str, change) -> None:  # noqa: ANN001
+    target = next(t for t in model.graph.initializer if t.name == name)
+    target.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(target).copy()), name))
+
+
+def _threshold_at_a_pixel(export: ExportResult, onnx_shift: float):  # noqa: ANN202
+    """PyTorch's threshold set exactly to one pixel's difference-map value, the file's moved by ``onnx_shift``:
+    that pixel (and any within the shift) decides differently in the two runtimes."""
+    sidecar = read_sidecar(export.onnx_path)
+    deploy, recipe = rebuild_deploy_model(sidecar, quiet), recipe_of(sidecar)
+    with torch.inference_mode():
+        diff = deploy.run(torch.from_numpy(verification_images(recipe, 1, 0)))["diff_map"]
+    threshold = float(diff.flatten().median())
+    deploy.net.learnable_thresh.data.fill_(threshold)
+    model = onnx.load(str(export.onnx_path))
+    _set_initializer(model, "model.net.learnable_thresh", lambda a: np.full_like(a, threshold + onnx_shift))
+    return model, deploy, recipe
+
+
+def test_a_threshold_flip_within_tolerance_is_excused_and_forced(sr_tod_small: ExportResult) -> None:
+    model, deploy, recipe = _threshold_at_a_pixel(sr_tod_small, 5e-5)  # within atol 1e-4: rounding-sized
+    report = verify_onnx(model, deploy, recipe, seeds=(0,))
+    mask = report.decision("net.mask_sign")
+    assert mask.flips >= 1 and mask.excused == mask.flips, mask
+    assert report.ok, report.failure()  # downstream tensors compared teacher-forced, so they still agree
+    assert report.excused_flips == mask.flips and "at the threshold, excused" in mask.flips_line()
+
+
+def test_a_moved_threshold_fails(sr_tod_small: ExportResult) -> None:
+    model, deploy, recipe = _threshold_at_a_pixel(sr_tod_small, 0.02)
+    report = verify_onnx(model, deploy, recipe, seeds=(0,))
+    assert not report.ok
+    assert "net.mask_sign:" in report.failure() and "flipped away from the threshold" in report.failure()
+
+
+def test_a_shifted_box_head_bias_fails(sr_tod_small: ExportResult) -> None:
+    model = onnx.load(str(sr_tod_small.onnx_path))
+    _set_initializer(model, "model.net.roi_head.bbox_head.fc_reg.bias", lambda a: a + 0.5)
+    sidecar = read_sidecar(sr_tod_small.onnx_path)
+    report = verify_onnx(model, rebuild_deploy_model(sidecar, quiet), recipe_of(sidecar), seeds=(0,))
+    assert not report.ok and report.failure().startswith("detections:"), report.failure()
+    assert report.decision("net.mask_sign").flips == 0  # the threshold is not what failed
+
+
+def test_cli_verify_names_a_moved_threshold(sr_tod_small: ExportResult, tmp_path: Path) -> None:
+    """As a user meets it: ``tod-deploy verify`` on a file whose threshold was moved, one line, exit 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    moved = tmp_path / sr_tod_small.onnx_path.name
+    shutil.copy(sr_tod_small.sidecar_path, tmp_path / sr_tod_small.sidecar_path.name)
+    model = onnx.load(str(sr_tod_small.onnx_path))
+    _set_initializer(model, "model.net.learnable_thresh", lambda a: a + 0.02)
+    onnx.save(model, str(moved))
+    cmd = [sys.executable, "-m", "tod_deploy.cli", "verify", str(moved), "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    # The decision's input (difference map minus threshold) is 0.02 off everywhere; flips follow where
+    # pixels lie between the two thresholds.
+    assert errors[0].startswith("error: verification failed: net.mask_sign"), errors[0]
+    assert "FAIL" in proc.stdout  # the table shows the row

@@ -70,14 +70,23 @@ def write_json(path: Path | None, data: Any) -> None:
 
 
 def parity_table(report: Any) -> Table:
-    table = Table(title=f"parity: {report.backend} vs {report.reference} on {report.inputs} seeded inputs")
+    flips = f", {report.excused_flips} excused flips" if report.excused_flips else ""
+    title = f"parity: {report.backend} vs {report.reference} on {report.inputs} seeded inputs{flips}"
+    table = Table(title=title)
     for column in ("output", "max abs err", "max rel err", "atol / rtol", "failing", "result"):
         table.add_column(column, justify="right" if column != "output" else "left")
+
+    def add(o: Any, result: str = "") -> None:
+        verdict = ("ok" if o.ok else "FAIL") + (f" ({result})" if result else "")
+        tolerance = f"{o.atol:g} / {o.rtol:g}"
+        table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", tolerance, f"{o.failing}/{o.total}", verdict)
+
     for o in report.outputs:
-        table.add_row(
-            o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.atol:g} / {o.rtol:g}",
-            f"{o.failing}/{o.total}", "ok" if o.ok else "FAIL",
-        )  # fmt: skip
+        add(o)
+    for d in report.decisions:
+        add(d.input, d.flips_line() if d.output is None else "")
+        if d.output is not None:
+            add(d.output, f"teacher-forced, {d.flips_line()}")
     d = report.detections
     if d is not None:
         table.add_row(
@@ -199,6 +208,9 @@ def verify_cmd(
     reference: Annotated[
         Path | None, typer.Option(help="For an .engine: the .onnx to compare with (default: its source).")
     ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="onnxruntime and PyTorch threads for an .onnx (default: all cores).")
+    ] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Re-run parity: an .onnx against PyTorch, an .engine (TensorRT) against its ONNX in onnxruntime."""
@@ -209,11 +221,14 @@ def verify_cmd(
 
         report = verify_engine(model, reference, atol, rtol, log=log)
     else:
-        report = reverify(model, atol, rtol, log=log)
+        report = reverify(model, atol, rtol, threads=threads, log=log)
     out.print(parity_table(report))
     write_json(json_path, report.to_dict())
     if not report.ok:
-        raise UserError(f"verification failed: {report.failure()}", "rerun export with --debug to investigate")
+        raise UserError(
+            f"verification failed: {report.failure()}",
+            "re-export the model with tod-deploy export (the table above shows every row)",
+        )
 
 
 @app.command("bench")

@@ -14,7 +14,7 @@ from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.environment import environment
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import read_sidecar, rebuild_deploy_model, recipe_of
-from tod_deploy.export.verify import verification_images
+from tod_deploy.parity.comparator import verification_images
 from tod_deploy.runtimes import OnnxRuntimeRunner, TorchRunner, load_onnx
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")

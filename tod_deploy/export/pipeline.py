@@ -10,7 +10,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ from tod_deploy.errors import UserError
 from tod_deploy.export.artifacts import sidecar_path, staged, write_json
 from tod_deploy.export.onnx import INPUT_NAME, export_to_onnx, kept_outputs
 from tod_deploy.export.passes import clean_graph, read_metadata
-from tod_deploy.export.verify import VerificationReport, verify_onnx
+from tod_deploy.export.verify import PARITY_METADATA, parity_metadata, verify_onnx
 from tod_deploy.models import build_deploy_model, parameter_count
+from tod_deploy.parity.policy import FP32
+from tod_deploy.parity.report import ParityReport
 from tod_deploy.recipes import Recipe
 from tod_deploy.runtimes import load_onnx
 
@@ -35,7 +37,7 @@ class ExportResult:
     onnx_path: Path
     sidecar_path: Path
     sidecar: dict[str, Any]
-    verification: VerificationReport | None
+    verification: ParityReport | None
 
 
 class Steps:
@@ -103,6 +105,7 @@ def export_model(
         "recipe": recipe.to_dict(),
         "raw_tensors": list(deploy.raw_names),
         "parity_tensors": list(deploy.parity_names),
+        PARITY_METADATA: parity_metadata(deploy, recipe),
         "input": f"{INPUT_NAME}: float32 [N,3,H,W] RGB 0..255",
     }
     model = steps.run(
@@ -176,10 +179,12 @@ def rebuild_deploy_model(sidecar: dict[str, Any], log: Log = print) -> Any:
     return deploy
 
 
-def reverify(onnx_path: Path, atol: float = 1e-4, rtol: float = 1e-3, log: Log = print) -> VerificationReport:
+def reverify(
+    onnx_path: Path, atol: float = FP32.atol, rtol: float = FP32.rtol, threads: int | None = None, log: Log = print
+) -> ParityReport:
     model = load_onnx(onnx_path)
     sidecar = read_sidecar(onnx_path)
     if read_metadata(model).get("method") not in (None, sidecar["method"]):
         raise UserError(f"{onnx_path.name} and its sidecar name different methods", "re-export the model")
     deploy = rebuild_deploy_model(sidecar, log)
-    return verify_onnx(model, deploy, recipe_of(sidecar), atol=atol, rtol=rtol)
+    return verify_onnx(model, deploy, recipe_of(sidecar), policy=replace(FP32, atol=atol, rtol=rtol), threads=threads)

@@ -26,7 +26,7 @@ from tod_deploy.errors import UserError
 from tod_deploy.methods.base import DeployModel, MethodSpec, TrainingModel, model_config
 from tod_deploy.nn.backbones.resnet import fold_batchnorm
 from tod_deploy.nn.backbones.resnet_mmdet import STAGE_CHANNELS, ResNet50
-from tod_deploy.nn.binary_threshold import sign_ste
+from tod_deploy.nn.binary_threshold import ThresholdSign
 from tod_deploy.nn.detectors import (
     RETINA_RAW,
     TWO_STAGE_DENSE,
@@ -136,6 +136,7 @@ class SRTOD(TrainingModel):
             self.rh = ReconstructionHead(256)
             self.dgfe = DGFE(256)
             self.learnable_thresh = nn.Parameter(torch.tensor(float(cfg.thresh_init)))
+            self.mask_sign = ThresholdSign()
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
 
@@ -149,7 +150,7 @@ class SRTOD(TrainingModel):
             recon = F.interpolate(recon, size=images.shape[-2:], mode="bilinear", align_corners=False)
         original = images / 255.0
         diff = (recon - original).abs().mean(dim=1, keepdim=True)
-        mask = (sign_ste(diff - self.learnable_thresh) + 1) * 0.5
+        mask = (self.mask_sign(diff - self.learnable_thresh) + 1) * 0.5
         feats = [self.dgfe(feats[0], mask), *feats[1:]]
         return {"feats": feats, "recon": recon, "original": original, "diff": diff, "mask": mask}
 

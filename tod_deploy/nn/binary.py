@@ -182,6 +182,10 @@ class BinaryConv2d(nn.Module):
     def input_threshold(self) -> Tensor | float:
         return self.threshold.view(1, -1, 1, 1) if self.threshold is not None else self.threshold_value
 
+    def decide(self, x: Tensor) -> Tensor:
+        """The layer's hard decision on its input: the signs the convolution sees (parity/forcing.py)."""
+        return binarize_values(x - self.input_threshold(), self.zero_sign)
+
     def op_attrs(self) -> BinaryConvAttrs:
         """Attributes of the equivalent ``tod::BinaryConv2d`` (a learned threshold goes in front of it)."""
         ph, pw = self.padding

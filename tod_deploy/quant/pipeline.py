@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,37 +30,7 @@ from tod_deploy.quant.graph import GraphRoles, graph_roles, match_patterns
 
 Log = Callable[[str], None]
 PRECISIONS = ("fp16", "int8")
-# Report-only tolerances (shown beside the errors; nothing fails on them) and detection matching.
-TOLERANCES = {"fp16": (1e-2, 1e-2), "int8": (1e-1, 1e-1)}
-MATCHING = {"fp16": (0.9, 0.01), "int8": (0.5, 0.05)}  # (IoU at least, score within)
 PROBE_IMAGES = 2  # FP16 range probe: a couple of calibration samples find the large-range tensors
-
-
-CONTRACT_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
-
-
-@dataclass
-class Comparison:
-    precision: str
-    inputs: int
-    outputs: list[Any] = field(default_factory=list)  # export.verify.OutputParity
-    rel_rms: dict[str, float] = field(default_factory=dict)  # ||got - ref|| / ||ref|| over all inputs
-    detections: Any = None  # export.verify.DetectionAgreement
-
-    def matched_fraction(self) -> float | None:
-        d = self.detections
-        return None if d is None or d.checked == 0 else d.matched / d.checked
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return {
-            "precision": self.precision,
-            "inputs": self.inputs,
-            "outputs": [asdict(o) | {"rel_rms": self.rel_rms.get(o.name)} for o in self.outputs],
-            "detections": asdict(self.detections) if self.detections else None,
-            "matched_fraction": self.matched_fraction(),
-        }
 
 
 @dataclass
@@ -68,13 +38,15 @@ class QuantizeResult:
     output: Path
     sidecar_path: Path
     sidecar: dict[str, Any]
-    comparison: Comparison
+    comparison: Any  # parity.report.ParityReport (gate off: how far the quantized file moved)
     sensitivity: Any = None  # SensitivityReport with --report
 
 
 def compared_tensors(model: onnx.ModelProto, dense_only: bool = False) -> list[str]:
     """Tensors worth comparing element-wise: the export's parity tensors (dense head maps, before any NMS or
     top-k) and, unless ``dense_only``, its raw tensors (which may follow NMS, so a reordering counts as error)."""
+    from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
+
     meta = {p.key: p.value for p in model.metadata_props}
     names: list[str] = []
     for key in ("parity_tensors",) if dense_only else ("parity_tensors", "raw_tensors"):
@@ -88,56 +60,35 @@ def compared_tensors(model: onnx.ModelProto, dense_only: bool = False) -> list[s
 
 def compare_models(
     fp32: onnx.ModelProto, quantized: onnx.ModelProto, sidecar: dict[str, Any], precision: str, seeds=(0, 1, 2)
-) -> Comparison:
-    """FP32 and quantized in onnxruntime on the same seeded inputs: per-tensor errors, detection agreement."""
+) -> Any:
+    """FP32 and quantized in onnxruntime on the same seeded inputs, by the shared comparator with the
+    precision's policy (a report, not a gate): per-tensor errors, threshold flips, detection agreement."""
     from tod_deploy.export.passes import expose_tensors
     from tod_deploy.export.pipeline import recipe_of
-    from tod_deploy.export.verify import (
-        DetectionAgreement,
-        OutputParity,
-        agree_detections,
-        compare_arrays,
-        verification_images,
-    )
+    from tod_deploy.export.verify import stored_plan
+    from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
+    from tod_deploy.parity.comparator import compare, verification_images
+    from tod_deploy.parity.decisions import decision_sites
+    from tod_deploy.parity.policy import PRECISION_POLICIES
     from tod_deploy.runtimes import OnnxRuntimeRunner
 
     recipe = recipe_of(sidecar)
     names = compared_tensors(fp32)
     graph_outputs = [o.name for o in fp32.graph.output]
-    has_contract = all(n in graph_outputs for n in CONTRACT_OUTPUTS)
     dense = names + [n for n in graph_outputs if n not in CONTRACT_OUTPUTS and n not in names]
-    ref_runner = OnnxRuntimeRunner(expose_tensors(fp32, names))
-    got_runner = OnnxRuntimeRunner(expose_tensors(quantized, names))
+    produced = {t for n in quantized.graph.node for t in n.output}
+    sites = [
+        s for s in decision_sites(fp32)
+        if s.kind == "threshold" and s.input in produced and s.output in produced
+    ]  # fmt: skip
+    exposed = list(dict.fromkeys([*names, *(t for s in sites for t in (s.input, s.output))]))
+    ref_runner = OnnxRuntimeRunner(expose_tensors(fp32, exposed))
+    got_runner = OnnxRuntimeRunner(expose_tensors(quantized, exposed))
+    got_runner.backend = f"onnxruntime {precision}"
     batch = 1 if recipe.batch == "dynamic" else int(recipe.batch)
-    atol, rtol = TOLERANCES[precision]
-    iou, score_tol = MATCHING[precision]
-    result = Comparison(precision, len(seeds) * batch)
-    agreement = DetectionAgreement(min_iou_required=iou, score_tol=score_tol) if has_contract else None
-    worst: dict[str, OutputParity] = {}
-    squares: dict[str, list[float]] = {}  # name -> [sum (got - ref)^2, sum ref^2]
-    for seed in seeds:
-        images = verification_images(recipe, batch, seed)
-        ref, got = ref_runner.run(images), got_runner.run(images)
-        for name in dense:
-            if ref[name].dtype.kind != "f":
-                continue
-            parity = compare_arrays(name, ref[name], got[name].astype(ref[name].dtype), atol, rtol)
-            if ref[name].shape == got[name].shape:
-                diff = ref[name].astype(np.float64) - got[name].astype(np.float64)
-                acc = squares.setdefault(name, [0.0, 0.0])
-                acc[0] += float(np.sum(diff * diff))
-                acc[1] += float(np.sum(ref[name].astype(np.float64) ** 2))
-            prev = worst.setdefault(name, parity)
-            if prev is not parity:
-                prev.max_abs, prev.max_rel = max(prev.max_abs, parity.max_abs), max(prev.max_rel, parity.max_rel)
-                prev.failing += parity.failing
-                prev.total += parity.total
-        if agreement is not None:
-            agree_detections(ref, got, recipe.score_threshold, agreement)
-    result.outputs = list(worst.values())
-    result.rel_rms = {name: float(np.sqrt(d / max(r, 1e-24))) for name, (d, r) in squares.items()}
-    result.detections = agreement
-    return result
+    inputs = [verification_images(recipe, batch, seed) for seed in seeds]
+    plan = stored_plan(fp32, recipe, dense, sites)
+    return compare(ref_runner, got_runner, inputs, plan, PRECISION_POLICIES[precision])
 
 
 def _validate(model_path: Path, precision: str, method: str, calib_size: int | None) -> None:

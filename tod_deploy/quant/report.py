@@ -8,19 +8,20 @@ from rich.table import Table
 
 
 def comparison_table(result: Any) -> Table:
-    """FP32 vs quantized, per compared tensor and for the detections (a report: nothing fails here)."""
+    """FP32 vs quantized, per compared tensor, threshold and for the detections (a report: nothing fails here)."""
     c = result.comparison
-    table = Table(title=f"{c.precision} vs fp32 in onnxruntime on {c.inputs} seeded inputs (report, not a gate)")
+    precision = result.sidecar["quantization"]["precision"]
+    table = Table(title=f"{precision} vs fp32 in onnxruntime on {c.inputs} seeded inputs (report, not a gate)")
     for column in ("tensor", "max abs err", "rel RMS err", "within atol/rtol", "atol / rtol"):
         table.add_column(column, justify="left" if column == "tensor" else "right")
-    for o in c.outputs:
+    for o in [*c.outputs, *(d.input for d in c.decisions)]:
         inside = 100.0 * (o.total - o.failing) / max(o.total, 1)
-        rms = c.rel_rms.get(o.name)
-        rms_text = "-" if rms is None else f"{rms:.3g}"
-        table.add_row(o.name, f"{o.max_abs:.3g}", rms_text, f"{inside:.1f}%", f"{o.atol:g} / {o.rtol:g}")
+        table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.rel_rms:.3g}", f"{inside:.1f}%", f"{o.atol:g} / {o.rtol:g}")
+    for d in c.decisions:
+        table.add_row(d.name, f"{d.flips} of {d.decisions} flipped", "-", f"{d.excused} excused", "-")
     d = c.detections
     if d is not None:
-        frac = c.matched_fraction()
+        frac = d.matched_fraction()
         table.add_row(
             "detections",
             f"matched {d.matched}/{d.checked}",

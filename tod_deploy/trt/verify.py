@@ -1,40 +1,35 @@
 """``verify model.engine --reference model.onnx``: does the engine compute what the ONNX computes?
 
 The reference is onnxruntime on the ONNX file (which ``verify model.onnx`` has already checked
-against PyTorch), fed the same seeded images. Dense outputs are compared element by element and
-detections by matching, with the same rules and tolerances as the ONNX check (export/verify.py).
+against PyTorch), fed the same seeded images, compared by the shared comparator with the ONNX
+file's own plan (its stored selection rule: score threshold, NMS near-ties, pixel tensors).
 FP16 and INT8 engines need looser tolerances than the FP32 defaults: pass --atol/--rtol.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import read_sidecar, recipe_of
-from tod_deploy.export.verify import (
-    DetectionAgreement,
-    OutputParity,
-    VerificationReport,
-    agree_detections,
-    compare_arrays,
-    verification_images,
-)
+from tod_deploy.export.verify import has_contract, stored_plan
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
+from tod_deploy.parity.comparator import compare, verification_images
+from tod_deploy.parity.policy import FP32
+from tod_deploy.parity.report import ParityReport
 from tod_deploy.runtimes import OnnxRuntimeRunner, load_onnx
 
 
 def verify_engine(
     engine_path: Path,
     reference: Path | None = None,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
+    atol: float = FP32.atol,
+    rtol: float = FP32.rtol,
     seeds: tuple[int, ...] = (0, 1, 2),
     log: Callable[[str], None] = print,
-) -> VerificationReport:
+) -> ParityReport:
     """TensorRT vs onnxruntime on seeded inputs; ``reference`` defaults to the ONNX the engine was built from."""
     from tod_deploy.trt.runtime import require_tensorrt
 
@@ -46,34 +41,18 @@ def verify_engine(
         raise UserError(f"{engine_path} does not exist", "pass the .engine file that tod-deploy build-engine wrote")
     reference = reference or Path(read_engine_sidecar(engine_path)["plan"]["onnx"])
     recipe = recipe_of(read_sidecar(reference))
-    reference_runner = OnnxRuntimeRunner(load_onnx(reference))
+    model = load_onnx(reference)
+    reference_runner = OnnxRuntimeRunner(model)
     log(f"loading {engine_path.name} ...")
     engine = TensorRTRunner(engine_path)
     names = [n for n in engine.output_names if n in reference_runner.output_names]
     if not names:
         raise UserError(f"{engine_path.name} and {reference.name} share no output names", "pass the right --reference")
-    has_contract = all(name in names for name in CONTRACT_OUTPUTS)
-    dense = [n for n in names if not has_contract or n not in CONTRACT_OUTPUTS]
+    dense = [n for n in names if not has_contract(model) or n not in CONTRACT_OUTPUTS]
+    plan = stored_plan(model, recipe, dense)
     batch = min(2, engine.profile()[2][0]) if recipe.batch == "dynamic" else int(recipe.batch)
-    report = VerificationReport(backend="tensorrt", inputs=len(seeds) * batch, reference="onnxruntime")
-    worst: dict[str, OutputParity] = {}
-    agreement = DetectionAgreement() if has_contract else None
-    for seed in seeds:
-        images = verification_images(recipe, batch, seed)
-        ref, got = reference_runner.run(images), engine.run(images)
-        for name in dense:
-            _merge(worst, compare_arrays(name, ref[name], np.asarray(got[name]), atol, rtol))
-        if agreement is not None:
-            agree_detections(ref, got, recipe.score_threshold, agreement)
-    engine.release()
-    report.outputs = [worst[name] for name in dense]
-    report.detections = agreement
-    return report
-
-
-def _merge(worst: dict[str, OutputParity], parity: OutputParity) -> None:
-    prev = worst.setdefault(parity.name, parity)
-    if prev is not parity:
-        prev.max_abs, prev.max_rel = max(prev.max_abs, parity.max_abs), max(prev.max_rel, parity.max_rel)
-        prev.failing += parity.failing
-        prev.total += parity.total
+    inputs = [verification_images(recipe, batch, seed) for seed in seeds]
+    try:
+        return compare(reference_runner, engine, inputs, plan, replace(FP32, atol=atol, rtol=rtol))
+    finally:
+        engine.release()

@@ -1,0 +1,35 @@
+"""Every method's default recipe exported at its full input size, once, and verified.
+
+Small test exports hide what only the real size shows: thousands of anchors near an NMS tie, a
+difference map with a million pixels near its threshold, 1-bit layers at 200x200. Each export
+runs the whole ``tod-deploy export`` step (PyTorch -> ONNX -> passes -> parity) and must pass,
+excused flips and near-ties included, on whatever CPU runs it. Slow: minutes in all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tod_deploy.export.pipeline import export_model
+
+DEFAULTS = [
+    pytest.param("thumbdet", {}, id="thumbdet"),
+    pytest.param("sr_tod", {"model": {"detector": "faster_rcnn"}}, id="sr_tod-faster_rcnn"),
+    pytest.param("sr_tod", {"model": {"detector": "cascade_rcnn"}}, id="sr_tod-cascade_rcnn"),
+    pytest.param("sr_tod", {"model": {"detector": "retinanet"}}, id="sr_tod-retinanet"),
+    pytest.param("dfr_det", {"model": {"detector": "fcos"}}, id="dfr_det-fcos"),
+    pytest.param("cfinet", {}, id="cfinet"),
+    pytest.param("bh", {}, id="bh"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "overrides"), DEFAULTS)
+def test_default_export_verifies_at_full_size(tmp_path: Path, method: str, overrides: dict) -> None:
+    result = export_model(method, tmp_path, overrides=overrides, log=lambda _line: None)
+    report = result.verification
+    assert report is not None and report.ok, report.failure()
+    assert result.onnx_path.is_file() and result.sidecar["verification"]["ok"] is True
+    assert all(d.flips == d.excused for d in report.decisions)

@@ -1,0 +1,176 @@
+"""Hard decisions and the one rule they are judged by.
+
+A hard decision maps a real value to one of a few outcomes: a threshold's sign (SR-TOD's mask),
+a 1-bit layer's input sign, a top-k or score-threshold selection, NMS keeping one of two
+overlapping boxes. Two correct runtimes sum in different orders, so where the value lies within
+rounding distance of the boundary they may decide differently: legitimate float behaviour, not
+an export error, and it happens on one CPU and not on another. So everywhere:
+
+- a differing decision ("flip") is excused only where its input agrees between the runtimes
+  within the input's own tolerance (then it lies within that tolerance of the boundary); a flip
+  far from the boundary fails;
+- after a decision the reference is teacher-forced (forcing.py): it takes the backend's input to
+  the decision, so one excused flip cannot fail every later tensor;
+- selections (top-k, score threshold, NMS) are judged on the detections by the same margin:
+  a score within ``selection_margin`` of the boundary may go either way (:func:`selection_floor`,
+  :func:`nms_near_tie`).
+
+Decision sites are found in the ONNX graph: ``Sign`` nodes (named after their PyTorch module at
+export, see :func:`name_decision_nodes`) and 1-bit layers, as ``tod::BinaryConv2d`` nodes or
+decomposed into standard ops.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from tod_deploy.parity.policy import ParityPolicy
+from tod_deploy.parity.report import DecisionParity
+
+EXPORT_PREFIX = "model."  # ExportView holds the deploy model as ``model``
+SIGN_OPS = ("Greater", "Less")
+BINARIZE_OPS = ("Pad", "Where", "Not", "Cast", *SIGN_OPS)
+BINARY_LAYERS = "binary layers"
+
+
+@dataclass(frozen=True)
+class DecisionSite:
+    kind: str  # "threshold" (a Sign node) | "1-bit input" (a binary layer)
+    path: str  # the deciding module's path in the deploy model ('' if the file does not say)
+    input: str  # ONNX tensor the decision is taken on
+    output: str  # ONNX tensor after it: the Sign's output, or the binary layer's (after alpha and bias)
+
+    @property
+    def label(self) -> str:
+        return BINARY_LAYERS if self.kind == "1-bit input" else (self.path or self.output)
+
+
+@dataclass
+class DecisionRecord:
+    """One call of one decision site, as both runtimes saw it (arrays of the input's shape)."""
+
+    site: DecisionSite
+    ref_input: np.ndarray
+    got_input: np.ndarray
+    ref_decision: np.ndarray
+    got_decision: np.ndarray
+    ref_output: np.ndarray | None = None  # teacher-forced reference after the decision
+    got_output: np.ndarray | None = None
+
+
+def judge(record: DecisionRecord, row: DecisionParity, policy: ParityPolicy) -> None:
+    """Fold one record into its row: input parity, flips (excused within tolerance), forced output."""
+    atol, rtol = row.input.atol, row.input.rtol
+    if record.ref_input.shape != record.got_input.shape:
+        row.input.add(record.ref_input, record.got_input, None)
+        return
+    close = policy.within(record.ref_input, record.got_input, atol, rtol)
+    row.input.add(record.ref_input, record.got_input, close)
+    flipped = record.ref_decision != record.got_decision
+    row.decisions += flipped.size
+    row.flips += int(np.count_nonzero(flipped))
+    row.excused += int(np.count_nonzero(flipped & close))
+    if record.ref_output is not None and record.got_output is not None and row.output is not None:
+        ref, got = record.ref_output, record.got_output
+        same = ref.shape == got.shape
+        row.output.add(ref, got, policy.within(ref, got, row.output.atol, row.output.rtol) if same else None)
+
+
+def selection_floor(kept_scores: np.ndarray, threshold: float, policy: ParityPolicy) -> float:
+    """Scores at or below this may be selected or not by a correct runtime: the K-th kept score
+    and the score threshold, each plus the margin."""
+    last = float(kept_scores[-1]) if kept_scores.size else threshold
+    return max(last, threshold) + policy.selection_margin
+
+
+def nms_near_tie(ious: np.ndarray, scores: np.ndarray, score: float, nms_iou: float, policy: ParityPolicy) -> bool:
+    """Could NMS have kept another box in this one's place? (an overlapping box, its score within the margin)"""
+    return bool(np.any((ious >= nms_iou - 0.01) & (np.abs(scores - score) <= policy.selection_margin)))
+
+
+# --- finding the sites in a graph ---------------------------------------------------------------
+
+
+def name_decision_nodes(model: onnx.ModelProto, decision_paths: set[str]) -> None:
+    """Name each ``Sign`` node after the module that computed it (from the exporter's name scopes),
+    so a check can pair it with that module long after graph passes dropped the scopes."""
+    for node in model.graph.node:
+        if node.op_type != "Sign":
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        paths = [str(s).removeprefix(EXPORT_PREFIX) for s in scopes if str(s).startswith(EXPORT_PREFIX)]
+        named = [p for p in paths if p in decision_paths]
+        if named:
+            node.name = named[-1]
+
+
+def decision_sites(model: onnx.ModelProto) -> list[DecisionSite]:
+    """Every hard decision of an export: Sign nodes and 1-bit layers (either export mode)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    initializers = {init.name for init in model.graph.initializer}
+    sites = []
+    for node in model.graph.node:
+        if node.op_type == "Sign" and node.domain in ("", "ai.onnx"):
+            sites.append(DecisionSite("threshold", node.name if not node.name.startswith("node_") else "",
+                                      node.input[0], node.output[0]))  # fmt: skip
+        elif node.domain == "tod" and node.op_type == "BinaryConv2d":
+            x = _before_channel_threshold(node.input[0], producer, initializers)
+            sites.append(DecisionSite("1-bit input", _module_path(node.input[1], ".w_packed"), x, node.output[0]))
+        elif node.op_type == "Conv" and node.input[1] in producer:
+            dq = producer[node.input[1]]
+            if dq.op_type != "DequantizeLinear" or not dq.input[0].endswith(".weight_sign_int8"):
+                continue
+            path = _module_path(dq.input[0], ".weight_sign_int8")
+            x = _pre_sign_input(node.input[0], producer)
+            sites.append(DecisionSite("1-bit input", path, x, _scaled_output(node, consumers, initializers)))
+    return sites
+
+
+def _module_path(initializer: str, suffix: str) -> str:
+    return initializer.removeprefix(EXPORT_PREFIX).removesuffix(suffix)
+
+
+def _before_channel_threshold(tensor: str, producer: dict[str, onnx.NodeProto], initializers: set[str]) -> str:
+    """A learned per-channel threshold stays a ``Sub`` in front of the op: the layer's input is above it."""
+    node = producer.get(tensor)
+    if node is not None and node.op_type == "Sub" and node.input[1] in initializers:
+        if node.input[1].endswith(".channel_threshold"):
+            return node.input[0]
+    return tensor
+
+
+def _pre_sign_input(tensor: str, producer: dict[str, onnx.NodeProto]) -> str:
+    """Walk up from a decomposed conv's data input to the tensor its sign compares."""
+    frontier = [tensor]
+    while frontier:
+        node = producer.get(frontier.pop())
+        if node is None or node.op_type not in BINARIZE_OPS:
+            continue
+        if node.op_type in SIGN_OPS:
+            return node.input[0]
+        frontier.extend(node.input[:1] if node.op_type in ("Pad", "Not", "Cast") else node.input)
+    raise ValueError(f"no sign found above {tensor}")
+
+
+def _scaled_output(conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]], initializers: set[str]) -> str:
+    """The conv's output after ``* alpha`` and, if present, ``+ bias`` (both constants)."""
+    out = conv.output[0]
+    for op in ("Mul", "Add"):
+        nxt = [n for n in consumers[out] if n.op_type == op and any(i in initializers for i in n.input if i != out)]
+        if len(consumers[out]) != 1 or not nxt:
+            break
+        out = nxt[0].output[0]
+    return out

@@ -1,0 +1,121 @@
+"""Teacher forcing: PyTorch as the reference, taking the backend's input at every hard decision.
+
+Why: where a value lies within rounding distance of a decision boundary (a threshold, a 1-bit
+layer's input sign), two correct runtimes may decide differently, and in a 1-bit network one
+flipped bit changes the next layer's sums by 2 at nine positions, which flips more bits: the
+end-to-end outputs of a correct export diverge. So at each decision module (``ThresholdSign``,
+``BinaryConv2d``) PyTorch records its own input and decision, then continues with the input the
+backend saw; every later tensor is then compared on equal terms, and the decision itself is
+judged by decisions.judge (a flip is excused only within tolerance of the boundary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from tod_deploy.errors import UserError
+from tod_deploy.methods.base import DeployModel
+from tod_deploy.nn.binary import BinaryConv2d
+from tod_deploy.nn.binary_threshold import ThresholdSign
+from tod_deploy.parity.decisions import DecisionRecord, DecisionSite
+
+DECISION_MODULES = (BinaryConv2d, ThresholdSign)
+Sink = Callable[[DecisionRecord], None]
+REEXPORT = "re-export the file with this tod-deploy"
+
+
+def decision_modules(model: nn.Module) -> list[str]:
+    return [path for path, module in model.named_modules() if isinstance(module, DECISION_MODULES)]
+
+
+def paired_sites(model: nn.Module, sites: list[DecisionSite]) -> list[DecisionSite]:
+    """Sites with their module path: named in the file, or (files written before Sign nodes were
+    named) paired in order with the decision modules no named site claims."""
+    paths = decision_modules(model)
+    named = {s.path for s in sites if s.path}
+    missing = [p for p in paths if p not in named]
+    unnamed = [s for s in sites if not s.path]
+    if len(missing) != len(unnamed):
+        first = missing[0] if missing else unnamed[0].input
+        raise UserError(
+            f"cannot pair the decision {first} with the ONNX graph ({len(missing)} modules, {len(unnamed)} nodes)",
+            REEXPORT,
+        )
+    paired = [dataclasses.replace(s, path=p) for s, p in zip(unnamed, missing, strict=True)]
+    return [s for s in sites if s.path] + paired
+
+
+class TeacherForcedRunner:
+    """Runs the deploy model with each decision module fed the backend's input (see the module docstring)."""
+
+    backend = "torch"
+
+    def __init__(
+        self, model: DeployModel, output_names: list[str], sites: list[DecisionSite], threads: int | None = None
+    ) -> None:
+        self.model = model.eval()
+        self.output_names = output_names
+        self.sites = paired_sites(model, sites)
+        self.threads = threads
+
+    @torch.inference_mode()
+    def run_forced(self, images: np.ndarray, candidate: dict[str, np.ndarray], sink: Sink) -> dict[str, np.ndarray]:
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(self.threads or before)
+            with _forced(self.model, self.sites, candidate, sink):
+                values = self.model.run(torch.from_numpy(images))
+        finally:
+            torch.set_num_threads(before)
+        return {name: values[name].numpy() for name in self.output_names}
+
+
+@contextlib.contextmanager
+def _forced(
+    model: nn.Module, sites: list[DecisionSite], candidate: dict[str, np.ndarray], sink: Sink
+) -> Iterator[None]:
+    by_path: dict[str, list[DecisionSite]] = defaultdict(list)
+    for site in sites:
+        by_path[site.path].append(site)
+    pending: dict[int, DecisionRecord] = {}
+
+    def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...], path: str) -> tuple[torch.Tensor, ...]:
+        # A module called once per pyramid level appears once per level; the input shape tells which.
+        own = args[0]
+        matches = [s for s in by_path[path] if candidate[s.input].shape == tuple(own.shape)]
+        if len(matches) != 1:
+            raise UserError(
+                f"cannot match decision {path} (input {tuple(own.shape)}) to the ONNX graph",
+                REEXPORT,
+            )
+        site = matches[0]
+        forced = torch.from_numpy(candidate[site.input])
+        pending[id(module)] = DecisionRecord(
+            site, own.numpy(), candidate[site.input], module.decide(own).numpy(), module.decide(forced).numpy()
+        )
+        return (forced,)
+
+    def post_hook(module: nn.Module, _args: object, output: torch.Tensor) -> None:
+        record = pending.pop(id(module))
+        record.ref_output, record.got_output = output.numpy(), candidate[record.site.output]
+        sink(record)
+
+    handles = []
+    try:
+        for path, module in model.named_modules():
+            if isinstance(module, DECISION_MODULES):
+                if path not in by_path:
+                    raise UserError(f"decision {path} has no counterpart in the ONNX graph", REEXPORT)
+                handles.append(module.register_forward_pre_hook(lambda m, a, p=path: pre_hook(m, a, p)))
+                handles.append(module.register_forward_hook(post_hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
