@@ -8,10 +8,12 @@ excused flips and near-ties included, on whatever CPU runs it. Slow: minutes in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tod_deploy.environment import environment
 from tod_deploy.export.pipeline import export_model
 
 DEFAULTS = [
@@ -27,9 +29,17 @@ DEFAULTS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "overrides"), DEFAULTS)
-def test_default_export_verifies_at_full_size(tmp_path: Path, method: str, overrides: dict) -> None:
+def test_default_export_verifies_at_full_size(
+    tmp_path: Path, method: str, overrides: dict, record_property: Callable[[str, object], None]
+) -> None:
     result = export_model(method, tmp_path, overrides=overrides, log=lambda _line: None)
     report = result.verification
     assert report is not None and report.ok, report.failure()
     assert result.onnx_path.is_file() and result.sidecar["verification"]["ok"] is True
     assert all(d.flips == d.excused for d in report.decisions)
+    # In the JUnit XML (--junitxml): what each decision did on this machine.
+    record_property("cpu", environment()["cpu"])
+    for d in report.decisions:
+        record_property(d.name, f"{d.flips_line()} ({d.decisions} decisions)")
+    for agreement in [*report.selections, *([report.detections] if report.detections else [])]:
+        record_property(agreement.name, f"{agreement.near_ties} NMS near-ties of {agreement.checked} checked")

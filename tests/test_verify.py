@@ -218,3 +218,32 @@ def test_cli_verify_names_a_moved_threshold(sr_tod_small: ExportResult, tmp_path
     # pixels lie between the two thresholds.
     assert errors[0].startswith("error: verification failed: net.mask_sign"), errors[0]
     assert "FAIL" in proc.stdout  # the table shows the row
+
+
+def test_a_file_without_named_decisions_pairs_them_in_order(sr_tod_small: ExportResult) -> None:
+    """Files written before Sign nodes were named after their module still verify: the one unnamed
+    Sign pairs with the one decision module no named node claims."""
+    model = onnx.load(str(sr_tod_small.onnx_path))
+    sign = next(n for n in model.graph.node if n.op_type == "Sign")
+    assert sign.name == "net.mask_sign"  # named at export from the exporter's name scopes
+    sign.name = "node_sign"  # as torch.onnx names it
+    sidecar = read_sidecar(sr_tod_small.onnx_path)
+    report = verify_onnx(model, rebuild_deploy_model(sidecar, quiet), recipe_of(sidecar), seeds=(0,))
+    assert report.ok, report.failure()
+    assert report.decision("net.mask_sign").decisions == 256 * 256
+
+
+def test_engines_and_quantized_files_are_judged_by_the_rule_the_export_stored(sr_tod_small: ExportResult) -> None:
+    """Without PyTorch (an engine against its ONNX, INT8 against FP32) the selection rule comes from the
+    file's ``parity`` metadata: the same score threshold and NMS near-tie rule as the export's own check."""
+    from tod_deploy.export.verify import stored_plan
+    from tod_deploy.runtimes import load_onnx
+
+    model = load_onnx(sr_tod_small.onnx_path)
+    recipe = recipe_of(read_sidecar(sr_tod_small.onnx_path))
+    plan = stored_plan(model, recipe, ["rpn_cls_logits"])
+    assert plan.detections == DetectionRule(recipe.score_threshold, 0.5)  # SR-TOD's final NMS IoU
+    del model.metadata_props[:]  # a file written before the rule was stored: the recipe's threshold, no NMS rule
+    assert stored_plan(model, recipe, []).detections == DetectionRule(recipe.score_threshold, None)
+    report = sr_tod_small.verification
+    assert [s.name for s in report.selections] == ["proposals"] and report.selections[0].checked > 0

@@ -87,10 +87,9 @@ def parity_table(report: Any) -> Table:
         add(d.input, d.flips_line() if d.output is None else "")
         if d.output is not None:
             add(d.output, f"teacher-forced, {d.flips_line()}")
-    d = report.detections
-    if d is not None:
+    for d in [*report.selections, *([report.detections] if report.detections is not None else [])]:
         table.add_row(
-            "detections", f"IoU min {d.min_iou:.4f}", f"score diff {d.max_score_diff:.2g}",
+            d.name, f"IoU min {d.min_iou:.4f}", f"score diff {d.max_score_diff:.2g}",
             f"IoU>={d.min_iou_required} / {d.score_tol:g}", f"{d.checked - d.matched - d.near_ties}/{d.checked}",
             ("ok" if d.ok else "FAIL") + (f" ({d.near_ties} NMS near-ties)" if d.near_ties else ""),
         )  # fmt: skip

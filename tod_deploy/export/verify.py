@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 
 from tod_deploy.export.passes import expose_tensors, read_metadata
-from tod_deploy.methods.base import DeployModel
+from tod_deploy.methods.base import DeployModel, selection_names
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.parity.comparator import ParityPlan, compare, verification_images
 from tod_deploy.parity.decisions import decision_sites
@@ -67,7 +67,7 @@ def verify_onnx(
     contract = has_contract(model)
     raw = list(deploy.parity_names)
     sites = decision_sites(model) if decision_modules(deploy) else []
-    site_tensors = [t for site in sites for t in (site.input, site.output)]
+    site_tensors = [t for site in sites for t in (site.input, site.output)] + selection_names(deploy)
     candidate = OnnxRuntimeRunner(expose_tensors(model, list(dict.fromkeys([*raw, *site_tensors]))), threads)
     reference = TeacherForcedRunner(deploy, [*CONTRACT_OUTPUTS, *raw] if contract else raw, sites, threads)
     meta = parity_metadata(deploy, recipe)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 
 from tod_deploy.errors import UserError
+from tod_deploy.nn.heads.rpn import SelectedProposals
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.recipes import Recipe
 
@@ -64,9 +65,16 @@ class DeployModel(nn.Module, ABC):
         return {}
 
 
+def selection_names(model: nn.Module) -> list[str]:
+    """Tensors a selection marker passes on (e.g. ``SelectedProposals``): named in an export so parity
+    can compare the selection and teacher-force what follows it; never kept as outputs."""
+    return [name for m in model.modules() if isinstance(m, SelectedProposals) for name in m.names]
+
+
 def traced_names(model: DeployModel) -> list[str]:
-    """Every tensor an export traces, each once: contract, raw, parity, extras."""
-    return list(dict.fromkeys([*CONTRACT_OUTPUTS, *model.raw_names, *model.parity_names, *model.extra_names]))
+    """Every tensor an export traces, each once: contract, raw, parity, extras, selections."""
+    named = [*CONTRACT_OUTPUTS, *model.raw_names, *model.parity_names, *model.extra_names, *selection_names(model)]
+    return list(dict.fromkeys(named))
 
 
 class ExportView(nn.Module):

@@ -140,13 +140,14 @@ class CFINetDeploy(DeployModel):
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
         feats = net.features(images)
         rpn = net.rpn_head(feats, image_hw)
-        proposals, _, valid = net.rpn_head.proposals(rpn, image_hw)
+        proposals, scores, valid = net.rpn_head.proposals(rpn, image_hw)
         dets, (logits, deltas) = net.roi_head.predict(feats, proposals, valid, image_hw, self.rcnn)
         n, p = proposals.shape[:2]
         return {
             **dict(zip(CONTRACT_OUTPUTS, dets, strict=True)),
             "rpn_refine_deltas": rpn.refine_deltas, "refined_anchors": rpn.refined,
             "rpn_cls_logits": rpn.objectness, "rpn_bbox_deltas": rpn.deltas, "proposals": proposals,
+            "proposal_scores": scores,
             "roi_cls_logits": logits.view(n, p, -1), "roi_bbox_deltas": deltas.view(n, p, -1),
         }  # fmt: skip
 

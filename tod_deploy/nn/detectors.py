@@ -43,12 +43,13 @@ def two_stage_outputs(
     rpn_head: RPNHead, roi_head: nn.Module, feats: list[Tensor], image_hw: tuple[int, int], cfg: TestSettings
 ) -> dict:
     obj, reg = rpn_head.flat(feats)
-    proposals, _, valid = propose(obj, reg, level_anchors(feats, rpn_head.anchors), image_hw, cfg.proposal)
-    dets, (logits, deltas) = roi_head.predict(feats[:4], proposals, valid, image_hw, cfg.rcnn)
+    proposals, scores, _ = propose(obj, reg, level_anchors(feats, rpn_head.anchors), image_hw, cfg.proposal)
+    proposals, scores = rpn_head.selected(proposals, scores, cfg.proposal.iou_threshold)
+    dets, (logits, deltas) = roi_head.predict(feats[:4], proposals, scores >= 0, image_hw, cfg.rcnn)
     n, p = proposals.shape[:2]
     return {
         **dict(zip(CONTRACT_OUTPUTS, dets, strict=True)),
-        "rpn_cls_logits": obj, "rpn_bbox_deltas": reg, "proposals": proposals,
+        "rpn_cls_logits": obj, "rpn_bbox_deltas": reg, "proposals": proposals, "proposal_scores": scores,
         "roi_cls_logits": logits.view(n, p, -1), "roi_bbox_deltas": deltas.view(n, p, -1),
     }  # fmt: skip
 

@@ -9,16 +9,16 @@ quantized file) runs on its own, and only the decisions both files expose (Sign 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from tod_deploy.parity.decisions import DecisionRecord, DecisionSite, judge
+from tod_deploy.parity.decisions import DecisionRecord, DecisionSite, SelectionRecord, judge
 from tod_deploy.parity.detections import DetectionRule, agree_detections, new_agreement
 from tod_deploy.parity.policy import ParityPolicy
-from tod_deploy.parity.report import DecisionParity, OutputParity, ParityReport
+from tod_deploy.parity.report import DecisionParity, DetectionAgreement, OutputParity, ParityReport
 from tod_deploy.recipes import Recipe
 
 
@@ -76,8 +76,14 @@ def compare(
         for name in plan.dense
     }
     decisions: dict[str, DecisionParity] = {}
+    selections: dict[str, DetectionAgreement] = {}
 
-    def sink(record: DecisionRecord) -> None:
+    def sink(record: DecisionRecord | SelectionRecord) -> None:
+        if isinstance(record, SelectionRecord):
+            agreement = selections.setdefault(record.name, replace(new_agreement(policy), name=record.name))
+            ref, got = record.as_detections()
+            agree_detections(ref, got, DetectionRule(0.0, record.nms_iou), agreement, policy)
+            return
         site = record.site
         row = decisions.get(site.label)
         if row is None:
@@ -107,5 +113,6 @@ def compare(
             agree_detections(ref, got, plan.detections, agreement, policy)
     report.outputs = list(rows.values())
     report.decisions = list(decisions.values())
+    report.selections = list(selections.values())
     report.detections = agreement
     return report

@@ -11,8 +11,9 @@ an export error, and it happens on one CPU and not on another. So everywhere:
   far from the boundary fails;
 - after a decision the reference is teacher-forced (forcing.py): it takes the backend's input to
   the decision, so one excused flip cannot fail every later tensor;
-- selections (top-k, score threshold, NMS) are judged on the detections by the same margin:
-  a score within ``selection_margin`` of the boundary may go either way (:func:`selection_floor`,
+- selections (top-k, score threshold, NMS) are judged by the same margin, on the final detections
+  and on proposals a second stage takes (a ``SelectedProposals`` marker, then forced in turn): a
+  score within ``selection_margin`` of the boundary may go either way (:func:`selection_floor`,
   :func:`nms_near_tie`).
 
 Decision sites are found in the ONNX graph: ``Sign`` nodes (named after their PyTorch module at
@@ -33,6 +34,7 @@ from tod_deploy.parity.policy import ParityPolicy
 from tod_deploy.parity.report import DecisionParity
 
 EXPORT_PREFIX = "model."  # ExportView holds the deploy model as ``model``
+EXPORTER_NODE_PREFIX = "node_"  # how torch.onnx names nodes
 SIGN_OPS = ("Greater", "Less")
 BINARIZE_OPS = ("Pad", "Where", "Not", "Cast", *SIGN_OPS)
 BINARY_LAYERS = "binary layers"
@@ -61,6 +63,27 @@ class DecisionRecord:
     got_decision: np.ndarray
     ref_output: np.ndarray | None = None  # teacher-forced reference after the decision
     got_output: np.ndarray | None = None
+
+
+@dataclass
+class SelectionRecord:
+    """One call of a selection (top-k + NMS of scored boxes), as both runtimes saw it."""
+
+    name: str  # what was selected (e.g. "proposals")
+    ref_boxes: np.ndarray  # [N, K, 4]
+    ref_scores: np.ndarray  # [N, K], -1 where nothing was kept
+    got_boxes: np.ndarray
+    got_scores: np.ndarray
+    nms_iou: float
+
+    def as_detections(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Both selections in the detection contract's layout (one class), for detections.agree_detections."""
+
+        def contract(boxes: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+            kept = scores >= 0
+            return {"num_dets": kept.sum(axis=1), "boxes": boxes, "scores": scores, "labels": np.zeros(kept.shape)}
+
+        return contract(self.ref_boxes, self.ref_scores), contract(self.got_boxes, self.got_scores)
 
 
 def judge(record: DecisionRecord, row: DecisionParity, policy: ParityPolicy) -> None:
@@ -124,8 +147,8 @@ def decision_sites(model: onnx.ModelProto) -> list[DecisionSite]:
     sites = []
     for node in model.graph.node:
         if node.op_type == "Sign" and node.domain in ("", "ai.onnx"):
-            sites.append(DecisionSite("threshold", node.name if not node.name.startswith("node_") else "",
-                                      node.input[0], node.output[0]))  # fmt: skip
+            path = "" if node.name.startswith(EXPORTER_NODE_PREFIX) else node.name  # not yet named by export
+            sites.append(DecisionSite("threshold", path, node.input[0], node.output[0]))
         elif node.domain == "tod" and node.op_type == "BinaryConv2d":
             x = _before_channel_threshold(node.input[0], producer, initializers)
             sites.append(DecisionSite("1-bit input", _module_path(node.input[1], ".w_packed"), x, node.output[0]))

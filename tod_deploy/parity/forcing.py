@@ -1,4 +1,4 @@
-"""Teacher forcing: PyTorch as the reference, taking the backend's input at every hard decision.
+"""Teacher forcing: PyTorch as the reference, taking the backend's side at every hard decision.
 
 Why: where a value lies within rounding distance of a decision boundary (a threshold, a 1-bit
 layer's input sign), two correct runtimes may decide differently, and in a 1-bit network one
@@ -6,7 +6,9 @@ flipped bit changes the next layer's sums by 2 at nine positions, which flips mo
 end-to-end outputs of a correct export diverge. So at each decision module (``ThresholdSign``,
 ``BinaryConv2d``) PyTorch records its own input and decision, then continues with the input the
 backend saw; every later tensor is then compared on equal terms, and the decision itself is
-judged by decisions.judge (a flip is excused only within tolerance of the boundary).
+judged by decisions.judge (a flip is excused only within tolerance of the boundary). A selection
+marker (``SelectedProposals``) is forced on its output instead: PyTorch's own proposals are
+compared with the backend's by the selection rule, then the backend's go on to the RoI head.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from tod_deploy.errors import UserError
 from tod_deploy.methods.base import DeployModel
 from tod_deploy.nn.binary import BinaryConv2d
 from tod_deploy.nn.binary_threshold import ThresholdSign
-from tod_deploy.parity.decisions import DecisionRecord, DecisionSite
+from tod_deploy.nn.heads.rpn import SelectedProposals
+from tod_deploy.parity.decisions import DecisionRecord, DecisionSite, SelectionRecord
 
-DECISION_MODULES = (BinaryConv2d, ThresholdSign)
-Sink = Callable[[DecisionRecord], None]
+DECISION_MODULES = (BinaryConv2d, ThresholdSign)  # forced on their input
+SELECTION_MODULES = (SelectedProposals,)  # forced on their output
+Sink = Callable[[DecisionRecord | SelectionRecord], None]
 REEXPORT = "re-export the file with this tod-deploy"
 
 
@@ -107,6 +111,12 @@ def _forced(
         record.ref_output, record.got_output = output.numpy(), candidate[record.site.output]
         sink(record)
 
+    def selection_hook(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        boxes, scores = (candidate[name] for name in module.names)
+        nms_iou = float(args[2])
+        sink(SelectionRecord(module.names[0], output[0].numpy(), output[1].numpy(), boxes, scores, nms_iou))
+        return torch.from_numpy(boxes), torch.from_numpy(scores)
+
     handles = []
     try:
         for path, module in model.named_modules():
@@ -115,6 +125,8 @@ def _forced(
                     raise UserError(f"decision {path} has no counterpart in the ONNX graph", REEXPORT)
                 handles.append(module.register_forward_pre_hook(lambda m, a, p=path: pre_hook(m, a, p)))
                 handles.append(module.register_forward_hook(post_hook))
+            elif isinstance(module, SELECTION_MODULES):
+                handles.append(module.register_forward_hook(selection_hook))
         yield
     finally:
         for handle in handles:

@@ -101,9 +101,12 @@ class DecisionParity:
 
 @dataclass
 class DetectionAgreement:
+    """Detections (or a selection's boxes, e.g. proposals) of two runtimes matched one by one."""
+
     min_iou_required: float
     score_tol: float
     max_excused_share: float
+    name: str = "detections"
     reference: int = 0
     checked: int = 0
     matched: int = 0
@@ -126,7 +129,7 @@ class DetectionAgreement:
 
     def failure(self) -> str:
         return (
-            f"detections: {self.matched} of {self.checked} matched, {self.near_ties} NMS near-ties "
+            f"{self.name}: {self.matched} of {self.checked} matched, {self.near_ties} NMS near-ties "
             f"(IoU >= {self.min_iou_required}, score within {self.score_tol:g}), min IoU {self.min_iou:.4f}, "
             f"max score diff {self.max_score_diff:.3g}, count differs by {self.count_diff}"
         )
@@ -140,6 +143,7 @@ class ParityReport:
     gate: bool = True  # False: a report of how far the candidate moved, not a pass/fail check
     outputs: list[OutputParity] = field(default_factory=list)
     decisions: list[DecisionParity] = field(default_factory=list)
+    selections: list[DetectionAgreement] = field(default_factory=list)  # e.g. proposals, then forced
     detections: DetectionAgreement | None = None
 
     @property
@@ -147,6 +151,7 @@ class ParityReport:
         return (
             all(o.ok for o in self.outputs)
             and all(d.ok for d in self.decisions)
+            and all(s.ok for s in self.selections)
             and (self.detections is None or self.detections.ok)
         )
 
@@ -163,11 +168,10 @@ class ParityReport:
 
     def failure(self) -> str:
         """The first reason the check failed, as one line ('' when it passed)."""
-        for row in [*self.outputs, *self.decisions]:
+        rows = [*self.outputs, *self.decisions, *self.selections]
+        for row in [*rows, *([self.detections] if self.detections is not None else [])]:
             if not row.ok:
                 return row.failure()
-        if self.detections is not None and not self.detections.ok:
-            return self.detections.failure()
         return ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,12 +187,9 @@ class ParityReport:
             }
             for d in self.decisions
         ]  # fmt: skip
-        detections = None
-        if self.detections is not None:
-            detections = asdict(self.detections) | {
-                "ok": self.detections.ok,
-                "matched_fraction": self.detections.matched_fraction(),
-            }
+        def matching(agreement: DetectionAgreement) -> dict[str, Any]:
+            return asdict(agreement) | {"ok": agreement.ok, "matched_fraction": agreement.matched_fraction()}
+
         return {
             "backend": self.backend,
             "reference": self.reference,
@@ -199,5 +200,6 @@ class ParityReport:
             "decisions": decisions,
             "excused_flips": self.excused_flips,
             "teacher_forced_layers": self.teacher_forced_layers,
-            "detections": detections,
+            "selections": [matching(s) for s in self.selections],
+            "detections": matching(self.detections) if self.detections is not None else None,
         }

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
 from tod_deploy.nn.anchors import decode_deltas, grid_anchors
-from tod_deploy.nn.heads.rpn import ProposalConfig, flatten_head, propose
+from tod_deploy.nn.heads.rpn import ProposalConfig, SelectedProposals, flatten_head, propose
 
 STAGE0_STDS = (0.1, 0.1, 0.5, 0.5)
 STAGE1_STDS = (0.05, 0.05, 0.1, 0.1)
@@ -111,6 +111,7 @@ class CoarseToFineRPN(nn.Module):
     def __init__(self, channels: int = 256, cfg: CRPNConfig = CRPNConfig()) -> None:
         super().__init__()
         self.cfg = cfg
+        self.selected = SelectedProposals()
         self.stages = nn.ModuleList(
             [
                 StageRefineRPNHead(channels, deformable=False, with_cls=False, dilation=cfg.dilation),
@@ -143,4 +144,7 @@ class CoarseToFineRPN(nn.Module):
     def proposals(self, out: CRPNOutputs, image_hw: tuple[int, int], cfg: ProposalConfig | None = None) -> tuple:
         """Stage 1's boxes decoded against the refined anchors: per level top-k, NMS per level, keep."""
         refined = list(out.refined.split([a.shape[0] for a in out.anchors], 1))
-        return propose(out.objectness, out.deltas, refined, image_hw, cfg or self.cfg.proposal, STAGE1_STDS)
+        cfg = cfg or self.cfg.proposal
+        boxes, scores, _ = propose(out.objectness, out.deltas, refined, image_hw, cfg, STAGE1_STDS)
+        boxes, scores = self.selected(boxes, scores, cfg.iou_threshold)
+        return boxes, scores, scores >= 0

@@ -44,10 +44,26 @@ def flatten_head(x: Tensor, per_anchor: int) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(n, -1, per_anchor)
 
 
+class SelectedProposals(nn.Module):
+    """The proposals a top-k + NMS selection kept (boxes [N, P, 4], scores [N, P], -1 where empty), unchanged.
+
+    A marker with no tensors (state dicts stay as upstream writes them): parity (parity/forcing.py)
+    finds it, compares the two runtimes' selections by their margin (a proposal whose score ties the
+    last kept one or an overlapping rival may go either way) and continues with the backend's, so a
+    near-tie picked differently cannot fail the RoI head's every later output.
+    """
+
+    names = ("proposals", "proposal_scores")  # the tensors' names in an export
+
+    def forward(self, boxes: Tensor, scores: Tensor, nms_iou: float) -> tuple[Tensor, Tensor]:  # noqa: ARG002
+        return boxes, scores
+
+
 class RPNHead(nn.Module):
     def __init__(self, in_channels: int = 256, anchors: AnchorConfig = AnchorConfig()) -> None:
         super().__init__()
         self.anchors = anchors
+        self.selected = SelectedProposals()
         a = anchors.per_location
         self.rpn_conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(in_channels, a, 1)
