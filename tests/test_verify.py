@@ -247,3 +247,19 @@ def test_engines_and_quantized_files_are_judged_by_the_rule_the_export_stored(sr
     assert stored_plan(model, recipe, []).detections == DetectionRule(recipe.score_threshold, None)
     report = sr_tod_small.verification
     assert [s.name for s in report.selections] == ["proposals"] and report.selections[0].checked > 0
+
+
+def test_a_tiny_box_matches_by_pixels_when_its_iou_cannot() -> None:
+    # A box 0.1 px wide: 1.5e-3 px of rounding costs it 1.5% IoU, but every coordinate is within the
+    # pixel tolerance (16 float32 ulps of the 800-px extent, 1.53e-3 px).
+    ref = _dets([[10.0, 10.0, 10.1, 20.0], [50, 50, 60, 60]], [0.9, 0.1], [1, 1])
+    got = _dets([[10.0, 10.0, 10.0985, 20.0], [50, 50, 60, 60]], [0.9, 0.1], [1, 1])
+    assert _agree(ref, got).matched == 0  # IoU 0.985 < 0.99
+    agreement = new_agreement(FP32)
+    box_atol = FP32.tolerance((800, 800))[0]
+    agree_detections(ref, got, DetectionRule(0.0), agreement, FP32, box_atol)
+    assert agreement.matched == 1 and agreement.ok
+    far = _dets([[10.0, 10.0, 10.09, 20.0], [50, 50, 60, 60]], [0.9, 0.1], [1, 1])  # 0.01 px: not rounding
+    agreement = new_agreement(FP32)
+    agree_detections(ref, far, DetectionRule(0.0), agreement, FP32, box_atol)
+    assert agreement.matched == 0 and not agreement.ok

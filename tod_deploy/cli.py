@@ -70,7 +70,8 @@ def write_json(path: Path | None, data: Any) -> None:
 
 
 def parity_table(report: Any) -> Table:
-    flips = f", {report.excused_flips} excused flips" if report.excused_flips else ""
+    n = report.excused_flips
+    flips = f", {n} excused flip{'s' if n != 1 else ''}" if n else ""
     title = f"parity: {report.backend} vs {report.reference} on {report.inputs} seeded inputs{flips}"
     table = Table(title=title)
     for column in ("output", "max abs err", "max rel err", "atol / rtol", "failing", "result"):

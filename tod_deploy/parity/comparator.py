@@ -75,6 +75,7 @@ def compare(
         name: OutputParity(name, *policy.tolerance(plan.input_size if name in plan.pixel else None))
         for name in plan.dense
     }
+    box_atol = policy.tolerance(plan.input_size)[0]  # boxes are in input pixels
     decisions: dict[str, DecisionParity] = {}
     selections: dict[str, DetectionAgreement] = {}
 
@@ -82,7 +83,7 @@ def compare(
         if isinstance(record, SelectionRecord):
             agreement = selections.setdefault(record.name, replace(new_agreement(policy), name=record.name))
             ref, got = record.as_detections()
-            agree_detections(ref, got, DetectionRule(0.0, record.nms_iou), agreement, policy)
+            agree_detections(ref, got, DetectionRule(0.0, record.nms_iou), agreement, policy, box_atol)
             return
         site = record.site
         row = decisions.get(site.label)
@@ -110,7 +111,7 @@ def compare(
             compare_into(row, ref[name], got[name], policy)
         if agreement is not None:
             assert plan.detections is not None
-            agree_detections(ref, got, plan.detections, agreement, policy)
+            agree_detections(ref, got, plan.detections, agreement, policy, box_atol)
     report.outputs = list(rows.values())
     report.decisions = list(decisions.values())
     report.selections = list(selections.values())

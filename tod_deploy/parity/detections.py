@@ -1,7 +1,8 @@
 """Detections of two runtimes, matched one by one.
 
 Each reference detection clear of a selection boundary (decisions.selection_floor) must have a
-candidate with the same label, IoU at least ``min_iou`` and a score within ``score_tol``. With
+candidate with the same label, IoU at least ``min_iou`` (or every coordinate within ``box_atol``
+pixels: a box a pixel wide loses 1% IoU to 0.005 px of rounding) and a score within ``score_tol``. With
 NMS in the graph, an unmatched box that had an overlapping near-equal rival is an NMS near-tie
 (decisions.nms_near_tie), counted apart and excused while rare.
 """
@@ -49,6 +50,7 @@ def agree_detections(
     rule: DetectionRule,
     into: DetectionAgreement,
     policy: ParityPolicy,
+    box_atol: float = 0.0,
 ) -> None:
     """Match each reference detection of a batch to the candidate's; see the module docstring."""
     for i in range(ref["num_dets"].shape[0]):
@@ -69,7 +71,8 @@ def agree_detections(
                 continue
             k = same[np.argmax(iou[j, same])]
             diff = abs(float(scores_r[j]) - float(scores_g[k]))
-            if iou[j, k] >= into.min_iou_required and diff <= into.score_tol:
+            same_box = iou[j, k] >= into.min_iou_required or np.all(np.abs(boxes_r[j] - boxes_g[k]) <= box_atol)
+            if same_box and diff <= into.score_tol:
                 into.matched += 1
             elif rule.nms_iou is not None and nms_near_tie(
                 iou[j, same], scores_g[same], float(scores_r[j]), rule.nms_iou, policy
