@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 import torch
 
+from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.bench.run import bench_model
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.nn.backbones.bottom_heavy import build_backbone
 from tod_deploy.nn.backbones.resnet import fold_batchnorm
-from tod_deploy.runtimes import OnnxRuntimeRunner
 
 
 def log(line: str) -> None:

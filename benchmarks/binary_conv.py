@@ -26,11 +26,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from tod_deploy.backends.onnxruntime_runner import new_session
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.ops import binary_conv_cpu
 from tod_deploy.ops.binary_conv_cases import RESNET18_STAGES
 from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, pack_weights
-from tod_deploy.ops.ort_binary_conv import inference_session
 
 SHAPES = RESNET18_STAGES
 TARGETS = {"avx512": 5.0, "avx2": 2.5}
@@ -92,7 +92,7 @@ def bench_shape(channels: int, size: int, args: argparse.Namespace, isas: tuple[
     dense = ort.InferenceSession(
         float_conv_model(channels, size, weight).SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    plugin = inference_session(plugin_model(attrs, size, packed, alpha), threads=args.threads)
+    plugin = new_session(plugin_model(attrs, size, packed, alpha), threads=args.threads)
 
     runners = {"ort/fp32": lambda: dense.run(None, {"x": x})}
     for isa in isas:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model, recipe_of
 from tod_deploy.ops.ort_binary_conv import BinaryConvSession, session_options
 from tod_deploy.parity.comparator import verification_images
-from tod_deploy.runtimes import OnnxRuntimeRunner, load_onnx
 
 
 def log(line: str) -> None:

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import onnx
 
+from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model, recipe_of
 from tod_deploy.parity.comparator import verification_images
 from tod_deploy.quant.pipeline import quantize_model
-from tod_deploy.runtimes import OnnxRuntimeRunner
 
 
 def log(line: str) -> None:

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
+from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.bench.run import bench_model
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model, recipe_of
 from tod_deploy.inspection import inspect_method
 from tod_deploy.models import build_training_model
 from tod_deploy.parity.comparator import verification_images
-from tod_deploy.runtimes import OnnxRuntimeRunner, load_onnx
 
 
 def log(line: str) -> None:

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from tod_deploy.bench.run import check_batch, parse_backends
+from tod_deploy.backends import parse_backends
+from tod_deploy.bench.run import check_batch
 from tod_deploy.bench.timing import Timing, time_interleaved
 from tod_deploy.errors import UserError
 
@@ -33,9 +34,9 @@ def test_stats_against_numpy_definitions() -> None:
 
 
 def test_backend_parsing_and_batch_check(tmp_path: object) -> None:
-    assert parse_backends("onnxruntime, torch,onnxruntime") == ["onnxruntime", "torch"]
+    assert parse_backends("onnxruntime, torch,onnxruntime", "torch") == ["onnxruntime", "torch"]
     with pytest.raises(UserError, match="unknown backend"):
-        parse_backends("openvino")
+        parse_backends("openvino", "torch")
     check_batch("batch", 8, tmp_path)  # dynamic axis takes any batch
     with pytest.raises(UserError, match="exported for batch 1"):
         check_batch(1, 2, tmp_path)

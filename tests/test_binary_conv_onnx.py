@@ -17,12 +17,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from tod_deploy.backends.onnxruntime_runner import new_session
 from tod_deploy.errors import UserError
 from tod_deploy.nn.binary import BinaryConv2d
 from tod_deploy.ops import ort_binary_conv
 from tod_deploy.ops.binary_conv_onnx import export_onnx, prepare_for_export
 from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights
-from tod_deploy.ops.ort_binary_conv import inference_session
 
 C_IN = 17
 SIGNS = (-1, 0, 1)
@@ -106,7 +106,7 @@ def test_exported_model_matches_reference_in_onnxruntime(mode: str, model_and_in
         assert ("tod", "BinaryConv2d") in ops and ("", "Conv") not in ops
     else:
         assert all(domain in ("", "ai.onnx") for domain, _ in ops) and ("", "Conv") in ops
-    session = inference_session(proto, threads=2)
+    session = new_session(proto, threads=2)
     outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     _check_against_reference(outputs, model, x)
     with torch.no_grad():  # and bit for bit what PyTorch computes
@@ -152,7 +152,7 @@ def test_fold_pass_absorbs_explicit_sign_and_scalar_threshold() -> None:
     assert [op for op, _ in nodes] == ["BinaryConv2d", "BinaryConv2d"]
     assert sorted(attrs["threshold"] for _, attrs in nodes) == [-0.5, 0.25]
     assert len(raw.graph.node) > 2
-    outs = [inference_session(p).run(None, {p.graph.input[0].name: x.numpy()}) for p in (folded, raw)]
+    outs = [new_session(p).run(None, {p.graph.input[0].name: x.numpy()}) for p in (folded, raw)]
     with torch.no_grad():
         want = [t.numpy() for t in model(x)]
     for got in outs:
@@ -181,7 +181,7 @@ def _hand_made_model(attrs: BinaryConvAttrs, cout: int) -> onnx.ModelProto:
 
 def test_bad_input_in_onnxruntime_is_a_user_error_not_an_abort() -> None:
     attrs = BinaryConvAttrs(kernel_shape=(3, 3), in_channels=8, pads=(1, 1, 1, 1))
-    session = inference_session(_hand_made_model(attrs, 4))
+    session = new_session(_hand_made_model(attrs, 4))
     if not ort_binary_conv.array_hook_installed():
         pytest.skip("this onnxruntime-extensions has no hook to chain: an error in a Python op aborts the process")
     assert session.run(None, {"X": np.ones((1, 8, 4, 4), np.float32)})[0].shape == (1, 4, 4, 4)

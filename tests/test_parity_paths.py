@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.export.pipeline import ExportResult, export_model, read_sidecar, rebuild_deploy_model, recipe_of
 from tod_deploy.export.verify import verify_onnx
 from tod_deploy.ops import binary_conv_cpu
-from tod_deploy.runtimes import load_onnx
 
 THREADS = (1, 2)
 

@@ -17,12 +17,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import ExportResult, export_model
 from tod_deploy.quant.graph import float_tensor_types, graph_roles
 from tod_deploy.quant.int8 import qdq_summary
 from tod_deploy.quant.pipeline import QuantizeResult, quantize_model
-from tod_deploy.runtimes import OnnxRuntimeRunner
 
 PHOTOS = Path(__file__).resolve().parents[1] / "calibration" / "photos"
 

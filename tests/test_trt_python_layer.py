@@ -20,10 +20,10 @@ import tensorrt_importer as importer
 import tensorrt_standin as standin
 from onnx import helper
 
+from tod_deploy.backends.onnxruntime_runner import new_session
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.ops.binary_conv_ref import DOMAIN, OP_TYPE, BinaryConvAttrs, binary_conv2d_ref, unpack_weights
-from tod_deploy.ops.ort_binary_conv import inference_session
 from tod_deploy.trt import kernels, plugins
 
 pytestmark = standin.IGNORE_WHEEL_WARNINGS
@@ -76,7 +76,7 @@ def node_io(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in sorted(names - outputs))
     h, w = (int(v) for v in SIZE.split("x"))
     images = np.random.default_rng(batch).uniform(0, 255, (batch, 3, h, w)).astype(np.float32)
-    session = inference_session(probe)
+    session = new_session(probe)
     values = session.run(None, {session.get_inputs()[0].name: images})
     return dict(zip([o.name for o in session.get_outputs()], values, strict=True))
 

@@ -236,8 +236,8 @@ def test_a_file_without_named_decisions_pairs_them_in_order(sr_tod_small: Export
 def test_engines_and_quantized_files_are_judged_by_the_rule_the_export_stored(sr_tod_small: ExportResult) -> None:
     """Without PyTorch (an engine against its ONNX, INT8 against FP32) the selection rule comes from the
     file's ``parity`` metadata: the same score threshold and NMS near-tie rule as the export's own check."""
+    from tod_deploy.backends.onnxruntime_runner import load_onnx
     from tod_deploy.export.verify import stored_plan
-    from tod_deploy.runtimes import load_onnx
 
     model = load_onnx(sr_tod_small.onnx_path)
     recipe = recipe_of(read_sidecar(sr_tod_small.onnx_path))

@@ -247,16 +247,16 @@ def bench_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Latency percentiles and FPS per backend, measured side by side, with ratios."""
+    from tod_deploy.backends import parse_backends
     from tod_deploy.bench.report import bench_table
-    from tod_deploy.bench.run import bench_model, parse_backends
+    from tod_deploy.bench.run import bench_model
 
     if iters is not None and duration is not None:
         raise UserError("--iters and --duration both given", "use one of them")
     if iters is None and duration is None:
         iters = 20
-    report = bench_model(
-        model, parse_backends(backend), batch, warmup, iters, duration, threads, log=log, cuda_graph=cuda_graph
-    )
+    backends = parse_backends(backend, "torch,onnxruntime")
+    report = bench_model(model, backends, batch, warmup, iters, duration, threads, log=log, cuda_graph=cuda_graph)
     out.print(bench_table(report))
     write_json(json_path, report.to_dict())
 

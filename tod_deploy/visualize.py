@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import read_sidecar, recipe_of
-from tod_deploy.runtimes import OnnxRuntimeRunner, load_onnx
 
 
 def read_image(path: Path, size_hw: tuple[int, int]) -> np.ndarray:

@@ -10,14 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from tod_deploy.backends import ExportSource, RunnerOptions, open_runner
+from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.environment import environment
 from tod_deploy.errors import UserError
-from tod_deploy.export.pipeline import read_sidecar, rebuild_deploy_model, recipe_of
+from tod_deploy.export.pipeline import read_sidecar, recipe_of
 from tod_deploy.parity.comparator import verification_images
-from tod_deploy.runtimes import OnnxRuntimeRunner, TorchRunner, load_onnx
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -47,14 +46,6 @@ class BenchReport:
             "fps_ratio_vs_" + next(iter(self.results)): self.ratios(),
             "environment": self.environment,
         }
-
-
-def parse_backends(text: str) -> list[str]:
-    names = [b.strip().lower() for b in text.split(",") if b.strip()]
-    unknown = [b for b in names if b not in BACKENDS]
-    if not names or unknown:
-        raise UserError(f"unknown backend(s) {unknown or text!r}", f"choose from {', '.join(BACKENDS)}")
-    return list(dict.fromkeys(names))
 
 
 def check_batch(onnx_batch: object, batch: int, path: Path) -> None:
@@ -88,36 +79,28 @@ def bench_model(
         if not plan.get("export"):
             raise UserError(f"{path.name} was built from an ONNX without export sidecar", "bench its ONNX instead")
         backends = ["tensorrt", *[b for b in backends if b != "tensorrt"]]
-        path, sidecar, onnx_batch = Path(plan["onnx"]), plan["export"], plan["inputs"][0]["shape"][0]
-        model = load_onnx(path) if "onnxruntime" in backends else None
+        source = ExportSource(Path(plan["onnx"]), plan["export"], engine)
+        onnx_batch = plan["inputs"][0]["shape"][0]
     else:
-        model = load_onnx(path)
-        sidecar = read_sidecar(path)
-        dims = model.graph.input[0].type.tensor_type.shape.dim
+        model = load_onnx(path)  # first: a corrupt file is the error, not its missing sidecar
+        source = ExportSource(path, read_sidecar(path), _model=model)
+        dims = source.onnx_model().graph.input[0].type.tensor_type.shape.dim
         onnx_batch = dims[0].dim_value or dims[0].dim_param
+    sidecar, path = source.sidecar, source.onnx_path
     recipe = recipe_of(sidecar)
     check_batch(onnx_batch, batch, path)
     threads = threads or os.cpu_count() or 1
     images = verification_images(recipe, batch, seed=0)
-    runners: dict[str, Callable[[], object]] = {}
-    for backend in backends:
-        if backend == "torch":
-            deploy = rebuild_deploy_model(sidecar, log)
-            runner = TorchRunner(deploy, ["num_dets", "boxes", "scores", "labels"], threads)
-        elif backend == "onnxruntime":
-            runner = OnnxRuntimeRunner(model, threads)
-        else:  # tensorrt: the engine, or one built in memory from the ONNX (nothing written)
-            from tod_deploy.trt.runner import runner_for
-
-            runner = trt_runner = runner_for(engine, path, batch, log, cuda_graph)
-        runners[backend] = _bind(runner.run, images)
+    options = RunnerOptions(threads=threads, batch=batch, cuda_graph=cuda_graph, log=log)
+    opened = {backend: open_runner(backend, source, options) for backend in backends}
+    runners: dict[str, Callable[[], object]] = {name: _bind(r.run, images) for name, r in opened.items()}
     log(f"timing {', '.join(runners)} (batch {batch}, {threads} threads, warm-up {warmup}) ...")
     timings = time_interleaved(runners, batch, warmup, iters, duration_s)
     source = str(engine or path)
     report = BenchReport(source, sidecar["method"], recipe.input_size, batch, threads, environment=environment())
     report.results = {name: timing.stats() for name, timing in timings.items()}
     if "tensorrt" in report.results:  # GPU-clock split of each call: copy in, engine, copy out
-        report.results["tensorrt"].update(trt_runner.stage_means())
+        report.results["tensorrt"].update(opened["tensorrt"].stage_means())
     return report
 
 

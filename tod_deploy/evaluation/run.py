@@ -26,7 +26,6 @@ from tod_deploy.errors import UserError
 from tod_deploy.evaluation.coco_eval import category_lookup, detections_as_ground_truth, evaluate_detections
 from tod_deploy.evaluation.datasets import Letterbox, load_coco, load_image
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 FIDELITY_MAX_DETS = 1000
 Log = Callable[[str], None]
 
@@ -74,14 +73,6 @@ class EvalReport:
         }
 
 
-def parse_backends(text: str | None, default: str) -> list[str]:
-    names = [b.strip().lower() for b in (text or default).split(",") if b.strip()]
-    unknown = [b for b in names if b not in BACKENDS]
-    if not names or unknown:
-        raise UserError(f"unknown backend(s) {unknown or text!r}", f"choose from {', '.join(BACKENDS)}")
-    return list(dict.fromkeys(names))
-
-
 @dataclass
 class LoadedModel:
     name: str
@@ -112,15 +103,16 @@ def load_model(
     log: Log = print,
 ) -> LoadedModel:
     """Runners for an exported ONNX (torch rebuilt from its sidecar) or for a method's PyTorch model."""
+    from tod_deploy.backends import ExportSource, RunnerOptions, open_runner, parse_backends
+    from tod_deploy.backends.torch_runner import TorchRunner
     from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
-    from tod_deploy.runtimes import OnnxRuntimeRunner, TorchRunner
 
     if (model_path is None) == (method is None):
         raise UserError("give either a model file or --method", "e.g. tod-deploy eval model.onnx --data ann.json ...")
     runners: dict[str, Any] = {}
     if model_path is not None:
-        from tod_deploy.export.pipeline import read_sidecar, rebuild_deploy_model, recipe_of
-        from tod_deploy.runtimes import load_onnx
+        from tod_deploy.backends.onnxruntime_runner import load_onnx
+        from tod_deploy.export.pipeline import read_sidecar, recipe_of
 
         if checkpoint is not None or input_size is not None:
             raise UserError("--checkpoint and --input-size go with --method", "an export's sidecar already fixes them")
@@ -135,13 +127,8 @@ def load_model(
         sidecar = read_sidecar(model_path)
         recipe = recipe_of(sidecar)
         size = _static_input_size(onnx_model, model_path) or tuple(recipe.input_size)
-        for backend in names:
-            if backend == "torch":
-                runners[backend] = TorchRunner(rebuild_deploy_model(sidecar, log), list(CONTRACT_OUTPUTS))
-            elif backend == "onnxruntime":
-                runners[backend] = OnnxRuntimeRunner(onnx_model)
-            else:
-                _tensorrt_unavailable()
+        source = ExportSource(model_path, sidecar, _model=onnx_model)
+        runners = {backend: open_runner(backend, source, RunnerOptions(log=log)) for backend in names}
         name = str(model_path)
     else:
         from tod_deploy.models import build_deploy_model, resolve_recipe
@@ -163,8 +150,8 @@ def load_model(
 
 def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str, Any]:
     """onnxruntime rows for other exports of the model (e.g. FP16 / INT8), named by their precision."""
+    from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
     from tod_deploy.export.pipeline import read_sidecar
-    from tod_deploy.runtimes import OnnxRuntimeRunner, load_onnx
 
     runners: dict[str, Any] = {}
     for path in paths:
@@ -182,13 +169,6 @@ def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str,
             raise UserError(f"two compared models are both {label!r}", "compare each precision once")
         runners[name] = OnnxRuntimeRunner(onnx_model)
     return runners
-
-
-def _tensorrt_unavailable() -> None:
-    from tod_deploy.trt.runtime import require_tensorrt
-
-    require_tensorrt()
-    raise UserError("evaluating on TensorRT needs a built engine", "run tod-deploy build-engine, then evaluate it")
 
 
 def contract_to_detections(

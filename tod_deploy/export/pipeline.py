@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.checkpoint_settings import resolve_recipe_with_checkpoint
 from tod_deploy.environment import environment, tod_deploy_version
 from tod_deploy.errors import UserError
@@ -27,7 +28,6 @@ from tod_deploy.models import build_deploy_model, parameter_count
 from tod_deploy.parity.policy import FP32
 from tod_deploy.parity.report import ParityReport
 from tod_deploy.recipes import Recipe
-from tod_deploy.runtimes import load_onnx
 
 Log = Callable[[str], None]
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import onnx
 
+from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.export.passes import expose_tensors, read_metadata
 from tod_deploy.methods.base import DeployModel, selection_names
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
@@ -25,7 +26,6 @@ from tod_deploy.parity.forcing import TeacherForcedRunner, decision_modules
 from tod_deploy.parity.policy import FP32, ParityPolicy
 from tod_deploy.parity.report import ParityReport
 from tod_deploy.recipes import Recipe
-from tod_deploy.runtimes import OnnxRuntimeRunner
 
 PARITY_METADATA = "parity"
 

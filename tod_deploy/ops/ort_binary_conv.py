@@ -8,7 +8,7 @@ shape the op's ONNX form (see ``binary_conv_ref``): attributes are scalar int/fl
 Errors: an exception escaping a Python op makes onnxruntime-extensions call std::terminate
 (the process aborts). Our hook catches it, prints it, returns an empty output (so onnxruntime
 fails on it or the caller sees an empty result) and keeps it; sessions made by
-:func:`inference_session` then raise it as a :class:`UserError`.
+:func:`tod_deploy.backends.onnxruntime_runner.new_session` then raise it as a :class:`UserError`.
 
 Speed: the stock hook hands each output back to C++ as ``ndarray.tolist()``, which costs
 ~175 ms for one 64x200x200 feature map, more than the convolution. :func:`register` therefore
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -142,16 +141,3 @@ def _as_user_error(exc: BaseException) -> UserError:
     if isinstance(exc, UserError):
         return exc
     return UserError(f"tod::{OP_TYPE} failed in onnxruntime: {exc}", "check the node's inputs against its attributes")
-
-
-def inference_session(
-    model: onnx.ModelProto | bytes | str | Path, threads: int | None = None, **kwargs: Any
-) -> BinaryConvSession:
-    """A CPU session able to run ``tod`` nodes (``threads`` sets onnxruntime's intra-op threads)."""
-    options = session_options()
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    if isinstance(source, Path):
-        source = str(source)
-    return BinaryConvSession(source, options, providers=["CPUExecutionProvider"], **kwargs)

@@ -10,22 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 import torch
 
+from tod_deploy.backends.base import Runner
 from tod_deploy.parity.decisions import DecisionRecord, DecisionSite, SelectionRecord, judge
 from tod_deploy.parity.detections import DetectionRule, agree_detections, new_agreement
 from tod_deploy.parity.policy import ParityPolicy
 from tod_deploy.parity.report import DecisionParity, DetectionAgreement, OutputParity, ParityReport
 from tod_deploy.recipes import Recipe
-
-
-class Runner(Protocol):
-    backend: str
-
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)

@@ -180,20 +180,14 @@ def compute_ranges(
     onnxruntime builds the augmented graph; we open its session (with the tod custom-op library when
     the model has tod nodes) and feed it the batches.
     """
-    import onnxruntime as ort
+    from tod_deploy.backends.onnxruntime_runner import new_session
 
-    from tod_deploy.ops.ort_binary_conv import session_options, uses_binary_conv
-
-    ort.set_default_logger_severity(3)
     with tempfile.TemporaryDirectory(prefix="tod-quant-") as tmp:
         src, augmented = Path(tmp) / "model.onnx", Path(tmp) / "augmented.onnx"
         onnx.save(model, str(src))
         calibrator = _calibrator(method, src, augmented, op_types)
         calibrator.augment_graph()
-        options = session_options() if uses_binary_conv(model) else ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        calibrator.infer_session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
+        calibrator.infer_session = new_session(augmented, optimize=False)
         progress, task = progress_bar(len(batches), description, show_progress)
         # onnxruntime's calibrators print their progress on stdout; stdout is for our tables
         with progress, contextlib.redirect_stdout(io.StringIO()):

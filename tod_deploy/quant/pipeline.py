@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from tod_deploy.errors import UserError, first_line
+from tod_deploy.backends.onnxruntime_runner import load_onnx
+from tod_deploy.errors import UserError
 from tod_deploy.quant import calibration
 from tod_deploy.quant.graph import GraphRoles, graph_roles, match_patterns
 
@@ -63,6 +64,7 @@ def compare_models(
 ) -> Any:
     """FP32 and quantized in onnxruntime on the same seeded inputs, by the shared comparator with the
     precision's policy (a report, not a gate): per-tensor errors, threshold flips, detection agreement."""
+    from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
     from tod_deploy.export.passes import expose_tensors
     from tod_deploy.export.pipeline import recipe_of
     from tod_deploy.export.verify import stored_plan
@@ -70,7 +72,6 @@ def compare_models(
     from tod_deploy.parity.comparator import compare, verification_images
     from tod_deploy.parity.decisions import decision_sites
     from tod_deploy.parity.policy import PRECISION_POLICIES
-    from tod_deploy.runtimes import OnnxRuntimeRunner
 
     recipe = recipe_of(sidecar)
     names = compared_tensors(fp32)
@@ -104,19 +105,6 @@ def _validate(model_path: Path, precision: str, method: str, calib_size: int | N
         raise UserError(f"{model_path} does not exist", "pass the .onnx file that tod-deploy export wrote")
 
 
-def _load(path: Path) -> onnx.ModelProto:
-    """runtimes.load_onnx's checks, without its torch import (errors come before the heavy imports)."""
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model, full_check=False)
-    except Exception as exc:  # DecodeError, ValidationError, ValueError, ... for bad files
-        reason = first_line(exc, 160)
-        raise UserError(f"{path} is not a valid ONNX model ({reason})", "re-export it with tod-deploy export") from exc
-    if not model.graph.node:
-        raise UserError(f"{path} is not a valid ONNX model (empty graph)", "re-export it with tod-deploy export")
-    return model
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -144,7 +132,7 @@ def quantize_model(
     # The calibration set first: a missing, altered or unreadable image is found before the model loads.
     cal_set = calibration.read_calibration_set(calibration.resolve_set(calib), decode=True)
 
-    model = _load(model_path)
+    model = load_onnx(model_path)
     source_precision = next((p.value for p in model.metadata_props if p.key == "precision"), "fp32")
     if source_precision != "fp32":
         raise UserError(f"{model_path.name} is already {source_precision}", "quantize the FP32 export instead")

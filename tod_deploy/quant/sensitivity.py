@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.export.passes import expose_tensors
-from tod_deploy.runtimes import OnnxRuntimeRunner
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 

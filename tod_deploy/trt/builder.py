@@ -22,11 +22,11 @@ from typing import Any
 
 import onnx
 
+from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.environment import environment, tod_deploy_version
 from tod_deploy.errors import UserError
 from tod_deploy.export.artifacts import sidecar_path, staged, write_json
 from tod_deploy.export.pipeline import read_sidecar
-from tod_deploy.runtimes import load_onnx
 from tod_deploy.trt.plugins import KNOWN_PLUGINS, register_plugins, tensorrt_view
 from tod_deploy.trt.profiles import Profile, onnx_inputs, resolve_profiles
 

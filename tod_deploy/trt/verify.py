@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import read_sidecar, recipe_of
 from tod_deploy.export.verify import has_contract, stored_plan
@@ -19,7 +20,6 @@ from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.parity.comparator import compare, verification_images
 from tod_deploy.parity.policy import FP32
 from tod_deploy.parity.report import ParityReport
-from tod_deploy.runtimes import OnnxRuntimeRunner, load_onnx
 
 
 def verify_engine(
