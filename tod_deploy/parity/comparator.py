@@ -9,7 +9,7 @@ quantized file) runs on its own, and only the decisions both files expose (Sign 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ def compare(
 
     def sink(record: DecisionRecord | SelectionRecord) -> None:
         if isinstance(record, SelectionRecord):
-            agreement = selections.setdefault(record.name, replace(new_agreement(policy), name=record.name))
+            agreement = selections.setdefault(record.name, new_agreement(policy, record.name))
             ref, got = record.as_detections()
             agree_detections(ref, got, DetectionRule(0.0, record.nms_iou), agreement, policy, box_atol)
             return
@@ -103,8 +103,7 @@ def compare(
                     sink(DecisionRecord(site, ref[site.input], got[site.input], ref[site.output], got[site.output]))
         for name, row in rows.items():
             compare_into(row, ref[name], got[name], policy)
-        if agreement is not None:
-            assert plan.detections is not None
+        if agreement is not None and plan.detections is not None:
             agree_detections(ref, got, plan.detections, agreement, policy, box_atol)
     report.outputs = list(rows.values())
     report.decisions = list(decisions.values())

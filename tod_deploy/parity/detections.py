@@ -40,8 +40,8 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union <= 1e-12, same.astype(iou.dtype), iou)
 
 
-def new_agreement(policy: ParityPolicy) -> DetectionAgreement:
-    return DetectionAgreement(policy.min_iou, policy.score_tol, policy.max_excused_share)
+def new_agreement(policy: ParityPolicy, name: str = "detections") -> DetectionAgreement:
+    return DetectionAgreement(policy.min_iou, policy.score_tol, policy.max_excused_share, name)
 
 
 def agree_detections(
