@@ -237,14 +237,14 @@ def test_engines_and_quantized_files_are_judged_by_the_rule_the_export_stored(sr
     """Without PyTorch (an engine against its ONNX, INT8 against FP32) the selection rule comes from the
     file's ``parity`` metadata: the same score threshold and NMS near-tie rule as the export's own check."""
     from tod_deploy.backends.onnxruntime_runner import load_onnx
-    from tod_deploy.export.verify import stored_plan
+    from tod_deploy.export.verify import plan_for
 
     model = load_onnx(sr_tod_small.onnx_path)
     recipe = recipe_of(read_sidecar(sr_tod_small.onnx_path))
-    plan = stored_plan(model, recipe, ["rpn_cls_logits"])
+    plan = plan_for(model, recipe, ["rpn_cls_logits"])
     assert plan.detections == DetectionRule(recipe.score_threshold, 0.5)  # SR-TOD's final NMS IoU
     del model.metadata_props[:]  # a file written before the rule was stored: the recipe's threshold, no NMS rule
-    assert stored_plan(model, recipe, []).detections == DetectionRule(recipe.score_threshold, None)
+    assert plan_for(model, recipe, []).detections == DetectionRule(recipe.score_threshold, None)
     report = sr_tod_small.verification
     assert [s.name for s in report.selections] == ["proposals"] and report.selections[0].checked > 0
 

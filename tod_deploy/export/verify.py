@@ -11,6 +11,7 @@ judged by the same rule as its ONNX.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import onnx
@@ -20,7 +21,7 @@ from tod_deploy.export.passes import expose_tensors, read_metadata
 from tod_deploy.methods.base import DeployModel, selection_names
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.parity.comparator import ParityPlan, compare, verification_images
-from tod_deploy.parity.decisions import decision_sites
+from tod_deploy.parity.decisions import DecisionSite, decision_sites
 from tod_deploy.parity.detections import DetectionRule
 from tod_deploy.parity.forcing import TeacherForcedRunner, decision_modules
 from tod_deploy.parity.policy import FP32, ParityPolicy
@@ -41,17 +42,25 @@ def has_contract(model: onnx.ModelProto) -> bool:
     return all(name in outputs for name in CONTRACT_OUTPUTS)
 
 
-def stored_plan(model: onnx.ModelProto, recipe: Recipe, dense: list[str], sites: list[Any] = ()) -> ParityPlan:
-    """The plan of an export from its file alone (engines, quantized files): the ``parity`` metadata,
-    or for files written before it, the recipe's threshold and no NMS rule."""
-    stored = json.loads(read_metadata(model).get(PARITY_METADATA, "{}"))
-    rule = DetectionRule(float(stored.get("score_threshold", recipe.score_threshold)), stored.get("nms_iou"))
+def plan_for(
+    model: onnx.ModelProto,
+    recipe: Recipe,
+    dense: Sequence[str],
+    sites: Sequence[DecisionSite] = (),
+    rule: dict[str, Any] | None = None,
+) -> ParityPlan:
+    """An export's plan by its selection rule (``parity_metadata``); ``rule=None`` reads the rule from the
+    file's ``parity`` metadata (engines, quantized files), or for files written before it, takes the
+    recipe's threshold and no NMS rule."""
+    if rule is None:
+        rule = json.loads(read_metadata(model).get(PARITY_METADATA, "{}"))
+    detections = DetectionRule(float(rule.get("score_threshold", recipe.score_threshold)), rule.get("nms_iou"))
     return ParityPlan(
         dense=tuple(dense),
         input_size=recipe.input_size,
-        pixel=frozenset(stored.get("pixel_tensors", [])),
+        pixel=frozenset(rule.get("pixel_tensors", [])),
         sites=tuple(sites),
-        detections=rule if has_contract(model) else None,
+        detections=detections if has_contract(model) else None,
     )
 
 
@@ -64,20 +73,13 @@ def verify_onnx(
     threads: int | None = None,
 ) -> ParityReport:
     """onnxruntime (CPU) against PyTorch, teacher-forced at every decision, on the same seeded inputs."""
-    contract = has_contract(model)
     raw = list(deploy.parity_names)
     sites = decision_sites(model) if decision_modules(deploy) else []
     site_tensors = [t for site in sites for t in (site.input, site.output)] + selection_names(deploy)
     candidate = OnnxRuntimeRunner(expose_tensors(model, list(dict.fromkeys([*raw, *site_tensors]))), threads)
-    reference = TeacherForcedRunner(deploy, [*CONTRACT_OUTPUTS, *raw] if contract else raw, sites, threads)
-    meta = parity_metadata(deploy, recipe)
-    plan = ParityPlan(
-        dense=tuple(raw),
-        input_size=recipe.input_size,
-        pixel=frozenset(meta["pixel_tensors"]),
-        sites=tuple(reference.sites),
-        detections=DetectionRule(meta["score_threshold"], meta["nms_iou"]) if contract else None,
-    )
+    names = [*CONTRACT_OUTPUTS, *raw] if has_contract(model) else raw
+    reference = TeacherForcedRunner(deploy, names, sites, threads)
+    plan = plan_for(model, recipe, raw, reference.sites, parity_metadata(deploy, recipe))
     batch = 2 if recipe.batch == "dynamic" else int(recipe.batch)
     inputs = [verification_images(recipe, batch, seed) for seed in seeds]
     return compare(reference, candidate, inputs, plan, policy)

@@ -67,7 +67,7 @@ def compare_models(
     from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
     from tod_deploy.export.passes import expose_tensors
     from tod_deploy.export.pipeline import recipe_of
-    from tod_deploy.export.verify import stored_plan
+    from tod_deploy.export.verify import plan_for
     from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
     from tod_deploy.parity.comparator import compare, verification_images
     from tod_deploy.parity.decisions import decision_sites
@@ -88,7 +88,7 @@ def compare_models(
     got_runner.backend = f"onnxruntime {precision}"
     batch = 1 if recipe.batch == "dynamic" else int(recipe.batch)
     inputs = [verification_images(recipe, batch, seed) for seed in seeds]
-    plan = stored_plan(fp32, recipe, dense, sites)
+    plan = plan_for(fp32, recipe, dense, sites)
     return compare(ref_runner, got_runner, inputs, plan, PRECISION_POLICIES[precision])
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import read_sidecar, recipe_of
-from tod_deploy.export.verify import has_contract, stored_plan
+from tod_deploy.export.verify import has_contract, plan_for
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.parity.comparator import compare, verification_images
 from tod_deploy.parity.policy import FP32
@@ -49,7 +49,7 @@ def verify_engine(
     if not names:
         raise UserError(f"{engine_path.name} and {reference.name} share no output names", "pass the right --reference")
     dense = [n for n in names if not has_contract(model) or n not in CONTRACT_OUTPUTS]
-    plan = stored_plan(model, recipe, dense)
+    plan = plan_for(model, recipe, dense)
     batch = min(2, engine.profile()[2][0]) if recipe.batch == "dynamic" else int(recipe.batch)
     inputs = [verification_images(recipe, batch, seed) for seed in seeds]
     try:
