@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.bench.timing import time_interleaved
-from tod_deploy.export.pipeline import export_model, recipe_of
+from tod_deploy.export.pipeline import export_model
 from tod_deploy.ops.ort_binary_conv import BinaryConvSession, session_options
 from tod_deploy.parity.comparator import verification_images
 
@@ -59,7 +59,7 @@ def main() -> None:
     overrides = {"input_size": args.size}
     one_bit = export_model("dfr_det", out, overrides=overrides, log=log)
     real = export_model("dfr_det", out, variant="real", overrides=overrides, log=log)
-    images = verification_images(recipe_of(one_bit.sidecar), 1, seed=0)
+    images = verification_images(one_bit.sidecar.recipe, 1, seed=0)
     runners = {
         "1-bit (plugin)": OnnxRuntimeRunner(load_onnx(one_bit.onnx_path), threads),
         "real-valued": OnnxRuntimeRunner(load_onnx(real.onnx_path), threads),

@@ -30,7 +30,7 @@ import onnx
 
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.bench.timing import time_interleaved
-from tod_deploy.export.pipeline import export_model, recipe_of
+from tod_deploy.export.pipeline import export_model
 from tod_deploy.parity.comparator import verification_images
 from tod_deploy.quant.pipeline import quantize_model
 
@@ -79,7 +79,7 @@ def measure(name: str, fp32_path: Path, args: argparse.Namespace, threads: int, 
     result = quantize_model(fp32_path, "int8", log=log, show_progress=False)
     quantize_s = time.perf_counter() - t0
     sidecar = json.loads(fp32_path.with_suffix(".json").read_text())
-    images = verification_images(recipe_of(sidecar), 1, seed=1)
+    images = verification_images(sidecar.recipe, 1, seed=1)
     fp32 = OnnxRuntimeRunner(onnx.load(str(fp32_path)), threads)
     int8 = OnnxRuntimeRunner(onnx.load(str(result.output)), threads)
     timings = time_interleaved(
@@ -92,7 +92,7 @@ def measure(name: str, fp32_path: Path, args: argparse.Namespace, threads: int, 
     keys += ("QuantizeLinear", "DequantizeLinear", "QGemm", "Gemm")
     out = {
         "model": name,
-        "input": list(recipe_of(sidecar).input_size),
+        "input": list(sidecar.recipe.input_size),
         "quantize_seconds": round(quantize_s, 1),
         "fp32": stats["fp32"],
         "int8": stats["int8"],

@@ -22,7 +22,7 @@ import torch
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.bench.run import bench_model
 from tod_deploy.bench.timing import time_interleaved
-from tod_deploy.export.pipeline import export_model, recipe_of
+from tod_deploy.export.pipeline import export_model
 from tod_deploy.inspection import inspect_method
 from tod_deploy.models import build_training_model
 from tod_deploy.parity.comparator import verification_images
@@ -46,7 +46,7 @@ def main() -> None:
 
     sr = export_model("sr_tod", out, overrides=with_overrides, log=log)
     # The baseline: the SR-TOD weights minus RH / DGFE / threshold (reported as unexpected keys).
-    model, _ = build_training_model(recipe_of(sr.sidecar), None, log=lambda _l: None)
+    model, _ = build_training_model(sr.sidecar.recipe, None, log=lambda _l: None)
     ckpt = out / "sr_tod.pth"
     torch.save(model.state_dict(), ckpt)
     base = export_model("sr_tod", out, checkpoint=ckpt, overrides=without_overrides, name="baseline", log=log)
@@ -55,7 +55,7 @@ def main() -> None:
     ort_vs_torch = bench_model(sr.onnx_path, ["torch", "onnxruntime"], iters=args.iters, threads=threads, log=log)
 
     log("2) with vs without RH + DGFE, both onnxruntime")
-    images = verification_images(recipe_of(sr.sidecar), 1, seed=0)
+    images = verification_images(sr.sidecar.recipe, 1, seed=0)
     runners = {
         "with_rh_dgfe": OnnxRuntimeRunner(load_onnx(sr.onnx_path), threads),
         "without": OnnxRuntimeRunner(load_onnx(base.onnx_path), threads),

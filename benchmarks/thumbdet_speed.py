@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.bench.run import bench_model
 from tod_deploy.bench.timing import time_interleaved
-from tod_deploy.export.pipeline import export_model, read_sidecar, recipe_of
+from tod_deploy.export.pipeline import export_model
 from tod_deploy.models import build_training_model
 from tod_deploy.parity.comparator import verification_images
 
@@ -47,7 +48,7 @@ def main() -> None:
     export_seconds = time.perf_counter() - start
 
     # Same Deformable-DETR weights at full resolution: the 4x student's state dict as a checkpoint.
-    student, _ = build_training_model(recipe_of(read_sidecar(small.onnx_path)), None, log=lambda _l: None)
+    student, _ = build_training_model(Sidecar.load(small.onnx_path).recipe, None, log=lambda _l: None)
     ckpt = out / "thumbdet_student.pth"
     torch.save({"model": student.student.state_dict()}, ckpt)
     full = export_model("thumbdet", out, checkpoint=ckpt, variant="1x", log=log)
@@ -56,7 +57,7 @@ def main() -> None:
     ort_vs_torch = bench_model(small.onnx_path, ["torch", "onnxruntime"], iters=args.iters, threads=threads, log=log)
 
     log("2) thumbnail (4x) vs full resolution (1x), both onnxruntime")
-    images = verification_images(recipe_of(small.sidecar), 1, seed=0)
+    images = verification_images(small.sidecar.recipe, 1, seed=0)
     runners = {
         "thumbdet_4x": OnnxRuntimeRunner(load_onnx(small.onnx_path), threads),
         "deformable_detr_1x": OnnxRuntimeRunner(load_onnx(full.onnx_path), threads),

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
+from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends import BACKENDS, ExportSource, RunnerOptions, open_runner, parse_backends
 from tod_deploy.backends.onnxruntime_runner import new_session
 from tod_deploy.errors import UserError
-from tod_deploy.export.pipeline import read_sidecar
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 
 
@@ -27,7 +27,7 @@ def test_backend_names_are_parsed_once_each_in_order() -> None:
 
 
 def test_torch_and_onnxruntime_runners_agree_through_the_registry(small_onnx: Path) -> None:
-    source = ExportSource(small_onnx, read_sidecar(small_onnx))
+    source = ExportSource(small_onnx, Sidecar.load(small_onnx))
     runners = {name: open_runner(name, source, RunnerOptions(threads=2, log=lambda _l: None)) for name in BACKENDS[:2]}
     images = np.random.default_rng(0).uniform(0, 255, (1, 3, 256, 384)).astype(np.float32)
     out = {name: runner.run(images) for name, runner in runners.items()}
@@ -40,7 +40,7 @@ def test_torch_and_onnxruntime_runners_agree_through_the_registry(small_onnx: Pa
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_tensorrt_without_tensorrt_is_one_line(small_onnx: Path) -> None:
     with pytest.raises(UserError, match="TensorRT"):
-        open_runner("tensorrt", ExportSource(small_onnx, read_sidecar(small_onnx)))
+        open_runner("tensorrt", ExportSource(small_onnx, Sidecar.load(small_onnx)))
 
 
 def test_the_session_factory_refuses_a_broken_graph_in_one_line() -> None:

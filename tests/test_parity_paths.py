@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import load_onnx
-from tod_deploy.export.pipeline import ExportResult, export_model, read_sidecar, rebuild_deploy_model, recipe_of
+from tod_deploy.export.pipeline import ExportResult, export_model, rebuild_deploy_model
 from tod_deploy.export.verify import verify_onnx
 from tod_deploy.ops import binary_conv_cpu
 
@@ -25,9 +26,9 @@ def dfr_plugin(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
 
 
 def _reverify(export: ExportResult, threads: int):  # noqa: ANN202
-    sidecar = read_sidecar(export.onnx_path)
+    sidecar = Sidecar.load(export.onnx_path)
     deploy = rebuild_deploy_model(sidecar, quiet)
-    return verify_onnx(load_onnx(export.onnx_path), deploy, recipe_of(sidecar), threads=threads)
+    return verify_onnx(load_onnx(export.onnx_path), deploy, sidecar.recipe, threads=threads)
 
 
 @pytest.mark.parametrize("threads", THREADS)

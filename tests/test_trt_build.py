@@ -15,12 +15,12 @@ import pytest
 from onnx import helper, numpy_helper
 from test_cli import assert_one_line_error, run
 
+from tod_deploy.artifacts import sidecar_path
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import ExportResult, export_model
 from tod_deploy.trt.builder import (
     DEFAULT_WORKSPACE_GIB,
     GIB,
-    engine_sidecar_path,
     layer_summary,
     onnx_precision,
     plan_build,
@@ -107,7 +107,7 @@ def test_plan_of_a_thumbdet_export(small_onnx: Path) -> None:
     assert plan.workspace_bytes == int(DEFAULT_WORKSPACE_GIB * GIB) and plan.timing_cache is None
     assert plan.export["method"] == "thumbdet" and plan.export["recipe"]["input_size"] == [256, 384]
     saved = json.loads(json.dumps(plan.to_dict()))
-    assert saved["sidecar"] == str(engine_sidecar_path(Path(plan.output))) and saved["notes"] == []
+    assert saved["sidecar"] == str(sidecar_path(Path(plan.output))) and saved["notes"] == []
     assert saved["sidecar"].endswith("thumbdet.engine.json")  # never the export's thumbdet.json
 
 
@@ -219,7 +219,7 @@ def test_build_run_and_verify_an_engine(small_export: ExportResult, tmp_path: Pa
     proc = run("build-engine", str(onnx_path), "--timing-cache", str(cache))
     assert proc.returncode == 0, proc.stderr
     engine = onnx_path.with_suffix(".engine")
-    sidecar = json.loads(engine_sidecar_path(engine).read_text())
+    sidecar = json.loads(sidecar_path(engine).read_text())
     assert sidecar["layers"]["layers"] > 0 and sidecar["plan"]["precision"] == "FP32" and cache.is_file()
     proc = run("verify", str(engine), "--atol", "1e-3", "--json", str(tmp_path / "v.json"))
     assert proc.returncode == 0, proc.stderr

@@ -12,13 +12,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from tod_deploy.export.pipeline import (
-    ExportResult,
-    read_sidecar,
-    rebuild_deploy_model,
-    recipe_of,
-    reverify,
-)
+from tod_deploy.artifacts import Sidecar
+from tod_deploy.export.pipeline import ExportResult, rebuild_deploy_model, reverify
 from tod_deploy.export.verify import verify_onnx
 from tod_deploy.parity.comparator import compare_into, verification_images
 from tod_deploy.parity.decisions import DecisionRecord, DecisionSite, judge
@@ -140,8 +135,8 @@ def test_verify_catches_a_corrupted_weight(small_onnx: Path) -> None:
     array = numpy_helper.to_array(target).copy()
     array.flat[: array.size // 50] *= 1.5
     target.CopyFrom(numpy_helper.from_array(array, target.name))
-    sidecar = read_sidecar(small_onnx)
-    report = verify_onnx(model, rebuild_deploy_model(sidecar, lambda _l: None), recipe_of(sidecar), seeds=(0,))
+    sidecar = Sidecar.load(small_onnx)
+    report = verify_onnx(model, rebuild_deploy_model(sidecar, lambda _l: None), sidecar.recipe, seeds=(0,))
     assert not report.ok
     assert "exceed atol" in report.failure() or "detections" in report.failure()
 
@@ -157,14 +152,16 @@ def quiet(_line: str) -> None:
 
 def _set_initializer(model: onnx.ModelProto, name: str, change) -> None:  # noqa: ANN001
     target = next(t for t in model.graph.initializer if t.name == name)
-    target.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(target).copy()), name))
+    before = numpy_helper.to_array(target).copy()
+    # the file's dtype kept: numpy 1 promotes a 0-d float32 plus a Python float to float64
+    target.CopyFrom(numpy_helper.from_array(np.asarray(change(before)).astype(before.dtype), name))
 
 
 def _threshold_at_a_pixel(export: ExportResult, onnx_shift: float):  # noqa: ANN202
     """PyTorch's threshold set exactly to one pixel's difference-map value, the file's moved by ``onnx_shift``:
     that pixel (and any within the shift) decides differently in the two runtimes."""
-    sidecar = read_sidecar(export.onnx_path)
-    deploy, recipe = rebuild_deploy_model(sidecar, quiet), recipe_of(sidecar)
+    sidecar = Sidecar.load(export.onnx_path)
+    deploy, recipe = rebuild_deploy_model(sidecar, quiet), sidecar.recipe
     with torch.inference_mode():
         diff = deploy.run(torch.from_numpy(verification_images(recipe, 1, 0)))["diff_map"]
     threshold = float(diff.flatten().median())
@@ -193,8 +190,8 @@ def test_a_moved_threshold_fails(sr_tod_small: ExportResult) -> None:
 def test_a_shifted_box_head_bias_fails(sr_tod_small: ExportResult) -> None:
     model = onnx.load(str(sr_tod_small.onnx_path))
     _set_initializer(model, "model.net.roi_head.bbox_head.fc_reg.bias", lambda a: a + 0.5)
-    sidecar = read_sidecar(sr_tod_small.onnx_path)
-    report = verify_onnx(model, rebuild_deploy_model(sidecar, quiet), recipe_of(sidecar), seeds=(0,))
+    sidecar = Sidecar.load(sr_tod_small.onnx_path)
+    report = verify_onnx(model, rebuild_deploy_model(sidecar, quiet), sidecar.recipe, seeds=(0,))
     assert not report.ok and report.failure().startswith("detections:"), report.failure()
     assert report.decision("net.mask_sign").flips == 0  # the threshold is not what failed
 
@@ -227,8 +224,8 @@ def test_a_file_without_named_decisions_pairs_them_in_order(sr_tod_small: Export
     sign = next(n for n in model.graph.node if n.op_type == "Sign")
     assert sign.name == "net.mask_sign"  # named at export from the exporter's name scopes
     sign.name = "node_sign"  # as torch.onnx names it
-    sidecar = read_sidecar(sr_tod_small.onnx_path)
-    report = verify_onnx(model, rebuild_deploy_model(sidecar, quiet), recipe_of(sidecar), seeds=(0,))
+    sidecar = Sidecar.load(sr_tod_small.onnx_path)
+    report = verify_onnx(model, rebuild_deploy_model(sidecar, quiet), sidecar.recipe, seeds=(0,))
     assert report.ok, report.failure()
     assert report.decision("net.mask_sign").decisions == 256 * 256
 
@@ -240,7 +237,7 @@ def test_engines_and_quantized_files_are_judged_by_the_rule_the_export_stored(sr
     from tod_deploy.export.verify import plan_for
 
     model = load_onnx(sr_tod_small.onnx_path)
-    recipe = recipe_of(read_sidecar(sr_tod_small.onnx_path))
+    recipe = Sidecar.load(sr_tod_small.onnx_path).recipe
     plan = plan_for(model, recipe, ["rpn_cls_logits"])
     assert plan.detections == DetectionRule(recipe.score_threshold, 0.5)  # SR-TOD's final NMS IoU
     del model.metadata_props[:]  # a file written before the rule was stored: the recipe's threshold, no NMS rule

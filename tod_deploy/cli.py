@@ -195,7 +195,7 @@ def export_cmd(
         f"wrote {result.onnx_path} ({info['onnx']['bytes'] / 1e6:.1f} MB, {info['onnx']['nodes']} nodes, "
         f"{info['model']['parameters'] / 1e6:.2f} M parameters) and {result.sidecar_path.name}"
     )
-    write_json(json_path, info)
+    write_json(json_path, info.to_dict())
 
 
 @app.command("verify")
@@ -299,7 +299,7 @@ def build_engine_cmd(
         f"wrote {result.engine_path} ({result.sidecar['engine']['bytes'] / 1e6:.1f} MB, {layers['layers']} layers: "
         f"{precisions}) and {result.sidecar_path.name}"
     )
-    write_json(json_path, result.sidecar)
+    write_json(json_path, result.sidecar.to_dict())
 
 
 @app.command("inspect")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.errors import UserError
-from tod_deploy.export.pipeline import read_sidecar, recipe_of
 
 
 def read_image(path: Path, size_hw: tuple[int, int]) -> np.ndarray:
@@ -44,7 +44,7 @@ def to_png(array: np.ndarray, path: Path) -> Path:
 
 def save_extra_outputs(model_path: Path, image: Path, out_dir: Path) -> list[Path]:
     model = load_onnx(model_path)
-    recipe = recipe_of(read_sidecar(model_path))
+    recipe = Sidecar.load(model_path).recipe
     maps = [o.name for o in model.graph.output if o.name in ("diff_map", "binary_mask")]
     if not maps:
         raise UserError(f"{model_path.name} has no map outputs", "export it with --extra-outputs diff_map to keep them")

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends import ExportSource, RunnerOptions, open_runner
 from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.environment import environment
 from tod_deploy.errors import UserError
-from tod_deploy.export.pipeline import read_sidecar, recipe_of
 from tod_deploy.parity.comparator import verification_images
 
 
@@ -73,21 +73,19 @@ def bench_model(
 
         require_tensorrt()  # before any slow step, so its absence is the one line the user sees
     if path.suffix == ".engine":  # TensorRT first; other backends run the ONNX it was built from
-        from tod_deploy.trt.builder import read_engine_sidecar
-
-        engine, plan = path, read_engine_sidecar(path)["plan"]
+        engine, plan = path, Sidecar.load(path)["plan"]
         if not plan.get("export"):
             raise UserError(f"{path.name} was built from an ONNX without export sidecar", "bench its ONNX instead")
         backends = ["tensorrt", *[b for b in backends if b != "tensorrt"]]
-        source = ExportSource(Path(plan["onnx"]), plan["export"], engine)
+        source = ExportSource(Path(plan["onnx"]), Sidecar(plan["export"]), engine)
         onnx_batch = plan["inputs"][0]["shape"][0]
     else:
         model = load_onnx(path)  # first: a corrupt file is the error, not its missing sidecar
-        source = ExportSource(path, read_sidecar(path), _model=model)
+        source = ExportSource(path, Sidecar.load(path), _model=model)
         dims = source.onnx_model().graph.input[0].type.tensor_type.shape.dim
         onnx_batch = dims[0].dim_value or dims[0].dim_param
     sidecar, path = source.sidecar, source.onnx_path
-    recipe = recipe_of(sidecar)
+    recipe = sidecar.recipe
     check_batch(onnx_batch, batch, path)
     threads = threads or os.cpu_count() or 1
     images = verification_images(recipe, batch, seed=0)

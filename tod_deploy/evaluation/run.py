@@ -111,8 +111,8 @@ def load_model(
         raise UserError("give either a model file or --method", "e.g. tod-deploy eval model.onnx --data ann.json ...")
     runners: dict[str, Any] = {}
     if model_path is not None:
+        from tod_deploy.artifacts import Sidecar
         from tod_deploy.backends.onnxruntime_runner import load_onnx
-        from tod_deploy.export.pipeline import read_sidecar, recipe_of
 
         if checkpoint is not None or input_size is not None:
             raise UserError("--checkpoint and --input-size go with --method", "an export's sidecar already fixes them")
@@ -124,8 +124,8 @@ def load_model(
                 f"{model_path.name} lacks the detection outputs {list(CONTRACT_OUTPUTS)} (a --raw export?)",
                 "evaluate an export without --raw",
             )
-        sidecar = read_sidecar(model_path)
-        recipe = recipe_of(sidecar)
+        sidecar = Sidecar.load(model_path)
+        recipe = sidecar.recipe
         size = _static_input_size(onnx_model, model_path) or tuple(recipe.input_size)
         source = ExportSource(model_path, sidecar, _model=onnx_model)
         runners = {backend: open_runner(backend, source, RunnerOptions(log=log)) for backend in names}
@@ -150,8 +150,8 @@ def load_model(
 
 def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str, Any]:
     """onnxruntime rows for other exports of the model (e.g. FP16 / INT8), named by their precision."""
+    from tod_deploy.artifacts import Sidecar
     from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
-    from tod_deploy.export.pipeline import read_sidecar
 
     runners: dict[str, Any] = {}
     for path in paths:
@@ -162,7 +162,7 @@ def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str,
                 f"{path.name} takes {size[0]}x{size[1]} images, the evaluated model {input_size[0]}x{input_size[1]}",
                 "compare exports of the same model",
             )
-        sidecar = read_sidecar(path)
+        sidecar = Sidecar.load(path)
         label = str((sidecar.get("quantization") or {}).get("precision") or sidecar.get("precision") or path.stem)
         name = f"onnxruntime {label}"
         if name in runners:

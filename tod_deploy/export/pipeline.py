@@ -6,7 +6,6 @@ Also ``reverify``: rebuild the PyTorch side from an export's sidecar and check t
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,18 +15,17 @@ from typing import Any
 
 import onnx
 
+from tod_deploy.artifacts import IOSpec, Sidecar, sidecar_path, staged
 from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.checkpoint_settings import resolve_recipe_with_checkpoint
 from tod_deploy.environment import environment, tod_deploy_version
 from tod_deploy.errors import UserError
-from tod_deploy.export.artifacts import sidecar_path, staged, write_json
 from tod_deploy.export.onnx import INPUT_NAME, export_to_onnx, kept_outputs
 from tod_deploy.export.passes import clean_graph, read_metadata
 from tod_deploy.export.verify import PARITY_METADATA, parity_metadata, verify_onnx
 from tod_deploy.models import build_deploy_model, parameter_count
 from tod_deploy.parity.policy import FP32
 from tod_deploy.parity.report import ParityReport
-from tod_deploy.recipes import Recipe
 
 Log = Callable[[str], None]
 
@@ -36,7 +34,7 @@ Log = Callable[[str], None]
 class ExportResult:
     onnx_path: Path
     sidecar_path: Path
-    sidecar: dict[str, Any]
+    sidecar: Sidecar
     verification: ParityReport | None
 
 
@@ -53,18 +51,6 @@ class Steps:
         value = fn()
         self.log(f"[{self.index}/{self.total}] {title} done in {time.perf_counter() - start:.1f} s")
         return value
-
-
-def io_spec(model: onnx.ModelProto) -> dict[str, list[dict[str, object]]]:
-    def describe(values: Any) -> list[dict[str, object]]:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
-        return out
-
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
 def export_model(
@@ -121,14 +107,14 @@ def export_model(
                 "rerun with --debug, or --no-verify to write the file anyway for inspection",
             )
     payload = model.SerializeToString()
-    sidecar = {
+    sidecar = Sidecar({
         "tod_deploy_version": metadata["tod_deploy_version"],
         "method": method,
         "recipe": recipe.to_dict(),
         "weights": weights.to_dict(),
         "settings": resolved.to_dict(),
         "raw_export": raw,
-        "io": io_spec(model),
+        "io": IOSpec.of_onnx(model).to_dict(),
         "raw_tensors": list(deploy.raw_names),
         "model": {
             "parameters": parameter_count(deploy),
@@ -146,36 +132,19 @@ def export_model(
         },
         "verification": report.to_dict() if report else None,
         "environment": environment(),
-    }
+    })
     sidecar_file = sidecar_path(onnx_path)
     with staged(onnx_path, sidecar_file) as (tmp_onnx, tmp_json):
         tmp_onnx.write_bytes(payload)
-        write_json(tmp_json, sidecar)
+        sidecar.save(tmp_json)
     return ExportResult(onnx_path, sidecar_file, sidecar, report)
 
 
-def read_sidecar(onnx_path: Path) -> dict[str, Any]:
-    path = sidecar_path(onnx_path)
-    if not path.is_file():
-        raise UserError(
-            f"{path.name} (the export's sidecar) is missing beside {onnx_path.name}",
-            "re-export with tod-deploy export, which writes both files",
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg})", "re-export with tod-deploy export") from exc
-
-
-def recipe_of(sidecar: dict[str, Any]) -> Recipe:
-    return Recipe.from_dict(sidecar["recipe"])
-
-
-def rebuild_deploy_model(sidecar: dict[str, Any], log: Log = print) -> Any:
+def rebuild_deploy_model(sidecar: Sidecar, log: Log = print) -> Any:
     """The PyTorch deploy model an export came from (same recipe, same weights)."""
-    weights = sidecar["weights"]
+    weights = sidecar.weights
     checkpoint = Path(weights["checkpoint"]) if weights.get("checkpoint") else None
-    deploy, _ = build_deploy_model(recipe_of(sidecar), checkpoint, int(weights.get("seed", 0)), log)
+    deploy, _ = build_deploy_model(sidecar.recipe, checkpoint, int(weights.get("seed", 0)), log)
     return deploy
 
 
@@ -183,8 +152,8 @@ def reverify(
     onnx_path: Path, atol: float = FP32.atol, rtol: float = FP32.rtol, threads: int | None = None, log: Log = print
 ) -> ParityReport:
     model = load_onnx(onnx_path)
-    sidecar = read_sidecar(onnx_path)
-    if read_metadata(model).get("method") not in (None, sidecar["method"]):
+    sidecar = Sidecar.load(onnx_path)
+    if read_metadata(model).get("method") not in (None, sidecar.method):
         raise UserError(f"{onnx_path.name} and its sidecar name different methods", "re-export the model")
     deploy = rebuild_deploy_model(sidecar, log)
-    return verify_onnx(model, deploy, recipe_of(sidecar), policy=replace(FP32, atol=atol, rtol=rtol), threads=threads)
+    return verify_onnx(model, deploy, sidecar.recipe, policy=replace(FP32, atol=atol, rtol=rtol), threads=threads)

@@ -9,7 +9,6 @@ model.onnx (+ model.json) -> graph roles -> calibration images -> ranges
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from tod_deploy.artifacts import IOSpec, Sidecar
 from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.errors import UserError
 from tod_deploy.quant import calibration
@@ -38,7 +38,7 @@ PROBE_IMAGES = 2  # FP16 range probe: a couple of calibration samples find the l
 class QuantizeResult:
     output: Path
     sidecar_path: Path
-    sidecar: dict[str, Any]
+    sidecar: Sidecar
     comparison: Any  # parity.report.ParityReport (gate off: how far the quantized file moved)
     sensitivity: Any = None  # SensitivityReport with --report
 
@@ -60,20 +60,19 @@ def compared_tensors(model: onnx.ModelProto, dense_only: bool = False) -> list[s
 
 
 def compare_models(
-    fp32: onnx.ModelProto, quantized: onnx.ModelProto, sidecar: dict[str, Any], precision: str, seeds=(0, 1, 2)
+    fp32: onnx.ModelProto, quantized: onnx.ModelProto, sidecar: Sidecar, precision: str, seeds=(0, 1, 2)
 ) -> Any:
     """FP32 and quantized in onnxruntime on the same seeded inputs, by the shared comparator with the
     precision's policy (a report, not a gate): per-tensor errors, threshold flips, detection agreement."""
     from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
     from tod_deploy.export.passes import expose_tensors
-    from tod_deploy.export.pipeline import recipe_of
     from tod_deploy.export.verify import plan_for
     from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
     from tod_deploy.parity.comparator import compare, verification_images
     from tod_deploy.parity.decisions import decision_sites
     from tod_deploy.parity.policy import PRECISION_POLICIES
 
-    recipe = recipe_of(sidecar)
+    recipe = sidecar.recipe
     names = compared_tensors(fp32)
     graph_outputs = [o.name for o in fp32.graph.output]
     dense = names + [n for n in graph_outputs if n not in CONTRACT_OUTPUTS and n not in names]
@@ -140,11 +139,10 @@ def quantize_model(
     by_regex = match_patterns(list(exclude), [n.name for n in model.graph.node])
     regex_nodes = list(dict.fromkeys(n for hits in by_regex.values() for n in hits))
 
-    from tod_deploy.export.artifacts import sidecar_path, staged, write_json
-    from tod_deploy.export.pipeline import read_sidecar, recipe_of
+    from tod_deploy.artifacts import sidecar_path, staged
 
-    sidecar = read_sidecar(model_path)
-    recipe = recipe_of(sidecar)
+    sidecar = Sidecar.load(model_path)
+    recipe = sidecar.recipe
     batch = 1 if recipe.batch == "dynamic" else int(recipe.batch)
 
     batches = calibration.calibration_batches(cal_set, recipe.input_size, batch, calib_size, seed)
@@ -220,8 +218,9 @@ def quantize_model(
     side = sidecar_path(out_path)
     with staged(out_path, side) as (tmp_onnx, tmp_json):
         tmp_onnx.write_bytes(payload)
-        write_json(tmp_json, info)
-    return QuantizeResult(out_path, side, info, comparison, sensitivity)
+        quantized_sidecar = Sidecar(info)
+        quantized_sidecar.save(tmp_json)
+    return QuantizeResult(out_path, side, quantized_sidecar, comparison, sensitivity)
 
 
 def _stamp(model: onnx.ModelProto, precision: str) -> None:
@@ -234,16 +233,14 @@ def _stamp(model: onnx.ModelProto, precision: str) -> None:
 
 
 def _sidecar(
-    source: dict[str, Any],
+    source: Sidecar,
     source_path: Path,
     quantized: onnx.ModelProto,
     payload: bytes,
     out_path: Path,
 ) -> dict[str, Any]:
-    from tod_deploy.export.pipeline import io_spec
-
-    info = copy.deepcopy(source)
-    info["io"] = io_spec(quantized)
+    info = source.to_dict()
+    info["io"] = IOSpec.of_onnx(quantized).to_dict()
     info["onnx"] = {
         **source.get("onnx", {}),
         "file": out_path.name,

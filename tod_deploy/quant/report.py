@@ -63,7 +63,7 @@ def suggestion_line(report: Any) -> str:
 
 
 def to_json(result: Any) -> dict[str, Any]:
-    data = {"output": str(result.output), "sidecar": result.sidecar}
+    data = {"output": str(result.output), "sidecar": result.sidecar.to_dict()}
     if result.sensitivity is not None:
         data["sensitivity"] = result.sensitivity.to_dict()
     return data

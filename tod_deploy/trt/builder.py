@@ -22,11 +22,10 @@ from typing import Any
 
 import onnx
 
+from tod_deploy.artifacts import Sidecar, sidecar_path, staged
 from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.environment import environment, tod_deploy_version
 from tod_deploy.errors import UserError
-from tod_deploy.export.artifacts import sidecar_path, staged, write_json
-from tod_deploy.export.pipeline import read_sidecar
 from tod_deploy.trt.plugins import KNOWN_PLUGINS, register_plugins, tensorrt_view
 from tod_deploy.trt.profiles import Profile, onnx_inputs, resolve_profiles
 
@@ -58,7 +57,7 @@ class BuildPlan:
             "onnx": self.onnx,
             "onnx_sha256": self.onnx_sha256,
             "output": self.output,
-            "sidecar": str(engine_sidecar_path(Path(self.output))),
+            "sidecar": str(sidecar_path(Path(self.output))),
             "inputs": self.inputs,
             "profiles": [p.to_dict() for p in self.profiles],
             "workspace_bytes": self.workspace_bytes,
@@ -87,12 +86,7 @@ class BuildPlan:
 class BuildResult:
     engine_path: Path
     sidecar_path: Path
-    sidecar: dict[str, Any]
-
-
-def engine_sidecar_path(engine: Path) -> Path:
-    """``model.engine`` -> ``model.engine.json``: ``model.json`` is the export's own sidecar."""
-    return engine.with_name(engine.name + ".json")
+    sidecar: Sidecar
 
 
 def onnx_precision(model: onnx.ModelProto) -> str:
@@ -145,7 +139,7 @@ def plan_build(
         raise UserError(f"--workspace {workspace_gib:g} GiB is not positive", "give e.g. --workspace 4")
     export = None
     if sidecar_path(onnx_path).is_file():
-        sidecar = read_sidecar(onnx_path)
+        sidecar = Sidecar.load(onnx_path)
         export = {key: sidecar.get(key) for key in SIDECAR_KEYS}
     input_size = None
     if export and export.get("recipe"):
@@ -276,7 +270,7 @@ def build_engine(plan: BuildPlan, log: Log = print) -> BuildResult:
     trt = require_tensorrt()
     serialized = build_serialized(plan, log)
     engine_path = Path(plan.output)
-    sidecar = {
+    sidecar = Sidecar({
         "tod_deploy_version": tod_deploy_version(),
         "engine": {
             "file": engine_path.name,
@@ -287,23 +281,9 @@ def build_engine(plan: BuildPlan, log: Log = print) -> BuildResult:
         "plan": plan.to_dict(),
         "layers": inspect_engine(serialized),
         "environment": environment(),
-    }
-    sidecar_file = engine_sidecar_path(engine_path)
+    })
+    sidecar_file = sidecar_path(engine_path)
     with staged(engine_path, sidecar_file) as (tmp_engine, tmp_json):
         tmp_engine.write_bytes(serialized)
-        write_json(tmp_json, sidecar)
+        sidecar.save(tmp_json)
     return BuildResult(engine_path, sidecar_file, sidecar)
-
-
-def read_engine_sidecar(engine_path: Path) -> dict[str, Any]:
-    """The sidecar build-engine wrote beside an engine (plan, source export, layer summary)."""
-    path = engine_sidecar_path(engine_path)
-    if not path.is_file():
-        raise UserError(
-            f"{path.name} (written by build-engine) is missing beside {engine_path.name}",
-            "rebuild with tod-deploy build-engine, which writes both files",
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg})", "rebuild with tod-deploy build-engine") from exc

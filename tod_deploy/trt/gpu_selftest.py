@@ -29,9 +29,9 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from tod_deploy.artifacts import staged, write_json
 from tod_deploy.environment import installed_version
 from tod_deploy.errors import UserError, first_line
-from tod_deploy.export.artifacts import staged, write_json
 from tod_deploy.ops import binary_conv_cpu
 from tod_deploy.ops.binary_conv_cases import (
     CUDA_CASES,

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
 from tod_deploy.errors import UserError
-from tod_deploy.export.pipeline import read_sidecar, recipe_of
 from tod_deploy.export.verify import has_contract, plan_for
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.parity.comparator import compare, verification_images
@@ -34,13 +34,12 @@ def verify_engine(
     from tod_deploy.trt.runtime import require_tensorrt
 
     require_tensorrt()  # first, so a machine without it says so before any slow step
-    from tod_deploy.trt.builder import read_engine_sidecar
     from tod_deploy.trt.runner import TensorRTRunner
 
     if not engine_path.is_file():
         raise UserError(f"{engine_path} does not exist", "pass the .engine file that tod-deploy build-engine wrote")
-    reference = reference or Path(read_engine_sidecar(engine_path)["plan"]["onnx"])
-    recipe = recipe_of(read_sidecar(reference))
+    reference = reference or Path(Sidecar.load(engine_path)["plan"]["onnx"])
+    recipe = Sidecar.load(reference).recipe
     model = load_onnx(reference)
     reference_runner = OnnxRuntimeRunner(model)
     log(f"loading {engine_path.name} ...")
