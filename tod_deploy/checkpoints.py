@@ -51,8 +51,7 @@ def _numpy_constructors() -> dict[str, Any]:
     the names numpy 1 and numpy 2 pickle them as; protocol-2 bytes come through ``_codecs.encode``."""
     import _codecs
 
-    core = getattr(np, "_core", None) or np.core
-    multiarray = core.multiarray
+    from numpy._core import multiarray  # numpy 2's home; numpy 1.26 (pinned by the serve extra) forwards it
     found = {"_codecs.encode": _codecs.encode, "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
     for package in ("numpy.core", "numpy._core"):
         found[f"{package}.multiarray._reconstruct"] = multiarray._reconstruct
