@@ -233,7 +233,9 @@ def verify_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    model: Annotated[Path, typer.Argument(help="An .onnx written by tod-deploy export, or an .engine (TensorRT).")],
+    model: Annotated[
+        Path | None, typer.Argument(help="An .onnx written by tod-deploy export, or an .engine (TensorRT).")
+    ] = None,
     fps: Annotated[bool, typer.Option("--fps", help="Report throughput (the default measurement).")] = True,
     backend: Annotated[str, typer.Option(help="Comma-separated: torch, onnxruntime, tensorrt.")] = "torch,onnxruntime",
     batch: Annotated[int, typer.Option(min=1, help="Images per call.")] = 1,
@@ -244,21 +246,168 @@ def bench_cmd(
     cuda_graph: Annotated[
         bool, typer.Option("--cuda-graph", help="TensorRT: replay the engine's launches as one CUDA graph.")
     ] = False,
+    triton: Annotated[
+        str | None, typer.Option(help="Load a model served by Triton at this URL instead (e.g. localhost:8000).")
+    ] = None,
+    served_model: Annotated[str | None, typer.Option("--model", help="With --triton: the served model's name.")] = None,
+    concurrency: Annotated[str, typer.Option(help="With --triton: concurrent clients, e.g. 1,2,4,8.")] = "1,2,4,8",
+    protocol: Annotated[str, typer.Option(help="With --triton: http or grpc.")] = "http",
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="With --triton: requests per client at each concurrency.")
+    ] = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """Latency percentiles and FPS per backend, measured side by side, with ratios."""
+    """Latency percentiles and FPS per backend, measured side by side, with ratios.
+
+    With --triton URL --model NAME: load on a served model instead (like perf_analyzer), each
+    concurrency in turn for --requests per client or --duration seconds: throughput, p50/p90/p99
+    latency, failed requests, and how many requests each model execution served (dynamic batching).
+    """
     from tod_deploy.backends import parse_backends
     from tod_deploy.bench.report import bench_table
     from tod_deploy.bench.run import bench_model
 
     if iters is not None and duration is not None:
         raise UserError("--iters and --duration both given", "use one of them")
+    if triton is not None:
+        _bench_served(triton, served_model, model, concurrency, protocol, requests, duration, json_path)
+        return
+    if model is None:
+        raise UserError("no model given", "pass an .onnx or .engine, or --triton URL --model NAME")
     if iters is None and duration is None:
         iters = 20
     backends = parse_backends(backend, "torch,onnxruntime")
     report = bench_model(model, backends, batch, warmup, iters, duration, threads, log=log, cuda_graph=cuda_graph)
     out.print(bench_table(report))
     write_json(json_path, report.to_dict())
+
+
+def _bench_served(
+    url: str,
+    name: str | None,
+    model_file: Path | None,
+    concurrency: str,
+    protocol: str,
+    requests: int | None,
+    duration: float | None,
+    json_path: Path | None,
+) -> None:
+    from tod_deploy.bench.report import load_table
+    from tod_deploy.bench.triton_load import run_load
+
+    if name is None or model_file is not None:
+        raise UserError("--triton takes the served model's name, not a file", "pass --triton URL --model NAME")
+    parts = [c.strip() for c in concurrency.split(",") if c.strip()]
+    if not parts or not all(c.isdigit() and int(c) > 0 for c in parts):
+        raise UserError(f"--concurrency {concurrency!r} is not positive integers", "e.g. --concurrency 1,2,4,8")
+    levels = [int(c) for c in parts]
+    if requests is not None and duration is not None:
+        raise UserError("--requests and --duration both given", "use one of them")
+    per_client = requests if requests is not None or duration is not None else 20
+    report = run_load(
+        url, name, levels, protocol=protocol, requests_per_client=per_client, duration_s=duration, log=log
+    )
+    out.print(load_table(report))
+    write_json(json_path, report.to_dict())
+
+
+@app.command("package")
+def package_cmd(
+    model: Annotated[Path, typer.Argument(help="An .onnx (export or quantize) or an .engine, with its sidecar.")],
+    triton: Annotated[Path, typer.Option(help="Triton model repository to write into (created if missing).")],
+    name: Annotated[str | None, typer.Option(help="Model name in the repository (default: the file's stem).")] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto (engine: tensorrt, tod ops: python, else onnxruntime), python, onnxruntime.")
+    ] = "auto",
+    max_batch: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 8,
+    queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching: longest wait for a fuller batch, us.")] = 500,
+    instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or gpu (instance_group kind).")] = "cpu",
+    accelerator: Annotated[
+        str, typer.Option(help="onnxruntime backend on a GPU: none (CUDA), or tensorrt (its TensorRT EP).")
+    ] = "none",
+    threads: Annotated[int, typer.Option(help="python backend: onnxruntime threads per instance (0: all).")] = 0,
+    with_preprocess: Annotated[
+        bool,
+        typer.Option("--with-preprocess", help="Add an ensemble taking JPEG/PNG bytes, answering in image pixels."),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace models of the same name.")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Write a Triton Inference Server model repository for an export or engine.
+
+    config.pbtxt comes from the sidecar (I/O, batching, instances) and is checked against Triton's
+    own model-config schema before anything is written; each model directory appears complete or
+    not at all. Serve it with `tod-deploy serve REPO`, load it with `tod-deploy bench --triton`.
+    """
+    from tod_deploy.targets.triton import TritonOptions, plan_repository, write_repository
+
+    options = TritonOptions(
+        name=name, backend=backend, max_batch=max_batch, instances=instances, device=device,
+        accelerator=accelerator, queue_delay_us=queue_delay_us, threads=threads, with_preprocess=with_preprocess,
+    )  # fmt: skip
+    plan = plan_repository(model, options)
+    written = write_repository(plan, triton, overwrite=overwrite)
+    table = Table(title=f"Triton model repository {triton}")
+    for column in ("model", "runs on", "max batch", "inputs", "outputs"):
+        table.add_column(column)
+    for entry in plan.models:
+        config = entry.config
+        table.add_row(
+            entry.name, entry.kind, str(config.max_batch_size), ", ".join(t.name for t in config.input),
+            ", ".join(t.name for t in config.output),
+        )  # fmt: skip
+    out.print(table)
+    for note in plan.notes:
+        out.print(f"note: {note}")
+    out.print(f"wrote {len(written)} model(s); clients call {plan.entry!r}. Serve with: tod-deploy serve {triton}")
+    write_json(json_path, plan.to_dict())
+
+
+@app.command("serve")
+def serve_cmd(
+    repository: Annotated[Path, typer.Argument(help="A Triton model repository (tod-deploy package --triton).")],
+    http_port: Annotated[int, typer.Option(help="HTTP/REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every model to be ready.")] = 120.0,
+) -> None:
+    """Start Triton Inference Server on a repository, wait until it is ready, serve until Ctrl-C.
+
+    Uses the tritonserver the serve extra bundles (CPU, python backend) or one on PATH; the python
+    models run in this Python environment. A model the server cannot load is one line with the fix.
+    """
+    import signal
+    import time
+
+    from tod_deploy.targets.triton_server import Ports, TritonServer
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and SIGTERM from a service manager, stop the server (even where a shell ignored SIGINT)
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    ports = Ports(http_port, grpc_port, metrics_port)
+    server = TritonServer(repository, ports, host=host)
+    log(f"starting tritonserver on {repository} ...")
+    with server.start(timeout):
+        table = Table(title=f"Triton Inference Server: {repository} (log: {server.log_path})")
+        table.add_column("endpoint")
+        table.add_column("address")
+        for kind, address in ports.endpoints("localhost" if host in ("127.0.0.1", "0.0.0.0") else host).items():
+            table.add_row(kind, address)
+        out.print(table)
+        out.print("ready; Ctrl-C stops the server", markup=False)
+        try:
+            while server.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            server.stop()
+            log("stopped tritonserver")
+            return
+        raise UserError(f"tritonserver stopped by itself (log: {server.log_path})", "read the log, then serve again")
 
 
 @app.command("build-engine")
