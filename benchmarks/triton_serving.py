@@ -104,7 +104,7 @@ def main() -> None:
                     "served_per_s": round(level.throughput, 3),
                     "served_over_in_process": round(level.throughput / local, 3),
                     "served_p50_ms": round(level.percentile(50), 1), "served_p99_ms": round(level.percentile(99), 1),
-                    "failed": sum(level.failures.values()), "requests_per_execution": round(level.mean_batch, 2),
+                    "failed": sum(level.failures.values()), "requests_per_execution": round(level.mean_batch(), 2),
                 })  # fmt: skip
     cpu = f"{cpu_model()}, {os.cpu_count()} cores"
     print(f"Triton (python backend, dynamic batching) vs in-process onnxruntime, {args.size}, one run - {cpu}")

@@ -149,6 +149,18 @@ def test_every_config_reads_back_with_tritons_schema(repository: Path, small_exp
     assert Sidecar.load(repository / "thumbdet" / "1" / "model.onnx").method == "thumbdet"
 
 
+def standin_engine(folder: Path, onnx_path: Path) -> Path:
+    """An engine file with the sidecar build-engine writes: its plan is the real planner's; the engine
+    bytes are a stand-in (TensorRT cannot build here)."""
+    from tod_deploy.trt.builder import plan_build
+
+    engine = folder / "thumbdet.engine"
+    build = plan_build(onnx_path, engine)
+    engine.write_bytes(b"stand-in for a serialized engine")
+    write_json(sidecar_path(engine), {"engine": {"file": engine.name}, "plan": build.to_dict()})
+    return engine
+
+
 def test_onnxruntime_and_tensorrt_repositories_follow_the_schema(tmp_path: Path, small_onnx: Path) -> None:
     plan = plan_repository(small_onnx, TritonOptions(backend="onnxruntime", device="gpu", accelerator="tensorrt"))
     (config,) = [m.config for m in plan.models]
@@ -157,14 +169,7 @@ def test_onnxruntime_and_tensorrt_repositories_follow_the_schema(tmp_path: Path,
     num_dets = next(o for o in config.output if o.name == "num_dets")
     assert list(num_dets.dims) == [1] and num_dets.HasField("reshape") and list(num_dets.reshape.shape) == []
     assert any("--batch dynamic" in note for note in plan.notes)
-    # an engine, with the sidecar build-engine writes (its plan is the real planner's; no TensorRT here)
-    from tod_deploy.trt.builder import plan_build
-
-    engine = tmp_path / "thumbdet.engine"
-    build = plan_build(small_onnx, engine)
-    engine.write_bytes(b"stand-in for a serialized engine")
-    write_json(sidecar_path(engine), {"engine": {"file": engine.name}, "plan": build.to_dict()})
-    plan = plan_repository(engine, TritonOptions())
+    plan = plan_repository(standin_engine(tmp_path, small_onnx), TritonOptions())
     (config,) = [m.config for m in plan.models]
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
@@ -276,8 +281,9 @@ def test_concurrent_clients_are_batched_and_every_answer_is_right(
     (level,) = report.levels
     assert time.monotonic() - started < 300
     assert len(level.latencies_ms) == 200 and not level.failures and level.wrong == 0
-    assert level.inferences == 200 and level.executions < level.inferences  # the dynamic batcher merged requests
-    assert level.mean_batch > 1.0
+    inferences, executions = level.batching["dfr_det_fcos"]
+    assert inferences == 200 and executions < inferences  # the dynamic batcher merged requests
+    assert level.mean_batch() > 1.0
 
 
 def test_bad_requests_get_errors_and_the_server_keeps_serving(server: TritonServer) -> None:
@@ -314,6 +320,9 @@ def test_bench_triton_reports_each_concurrency(server: TritonServer, tmp_path: P
     levels = json.loads((tmp_path / "load.json").read_text())["levels"]
     assert [(lv["concurrency"], lv["requests"], lv["failed"]) for lv in levels] == [(1, 3, 0), (2, 6, 0)]
     assert all(lv["latency_ms"]["p50"] <= lv["latency_ms"]["p99"] for lv in levels)
+    steps = {f"dfr_det_fcos{suffix}" for suffix in ("_preprocess", "", "_postprocess")}
+    assert set(levels[1]["server"]) == steps  # an ensemble's batching is its steps'
+    assert all(counts["inferences"] == 6 for counts in levels[1]["server"].values())
     proc = run("bench", "--triton", url(server, "http"), "--model", "yolo")
     assert_one_line_error(proc, "cannot reach model 'yolo'")
 
@@ -355,11 +364,14 @@ def test_restart_mid_load_fails_requests_visibly_and_serves_again(tmp_path: Path
     assert leftover_processes(repo) == []
 
 
-def test_a_missing_backend_is_one_line(tmp_path: Path, small_onnx: Path) -> None:
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_a_missing_backend_is_one_line(tmp_path: Path, small_onnx: Path, backend: str) -> None:
+    """The bundle has only the python backend: the server's own load error, as one line from serve."""
     repo = tmp_path / "repo"
-    write_repository(plan_repository(small_onnx, TritonOptions(backend="onnxruntime")), repo)
+    model = small_onnx if backend == "onnxruntime" else standin_engine(tmp_path, small_onnx)
+    write_repository(plan_repository(model, TritonOptions(backend=backend)), repo)
     proc = run("serve", str(repo), *port_args(free_ports()), "--timeout", "60")
-    assert_one_line_error(proc, "'onnxruntime' backend", "backend not found", "--backend python")
+    assert_one_line_error(proc, f"'{backend}' backend", "backend not found", "--backend python")
     assert leftover_processes(repo) == []
 
 

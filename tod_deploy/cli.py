@@ -253,7 +253,7 @@ def bench_cmd(
     concurrency: Annotated[str, typer.Option(help="With --triton: concurrent clients, e.g. 1,2,4,8.")] = "1,2,4,8",
     protocol: Annotated[str, typer.Option(help="With --triton: http or grpc.")] = "http",
     requests: Annotated[
-        int | None, typer.Option(min=1, help="With --triton: requests per client at each concurrency.")
+        int | None, typer.Option(min=1, help="With --triton: requests per client per concurrency (default: 10 s each).")
     ] = None,
     json_path: JsonOpt = None,
 ) -> None:
@@ -303,10 +303,9 @@ def _bench_served(
     levels = [int(c) for c in parts]
     if requests is not None and duration is not None:
         raise UserError("--requests and --duration both given", "use one of them")
-    per_client = requests if requests is not None or duration is not None else 20
-    report = run_load(
-        url, name, levels, protocol=protocol, requests_per_client=per_client, duration_s=duration, log=log
-    )
+    if requests is None and duration is None:
+        duration = 10.0  # per concurrency, as perf_analyzer measures windows of time
+    report = run_load(url, name, levels, protocol=protocol, requests_per_client=requests, duration_s=duration, log=log)
     out.print(load_table(report))
     write_json(json_path, report.to_dict())
 

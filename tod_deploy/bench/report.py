@@ -38,6 +38,6 @@ def load_table(report: LoadReport) -> Table:
         table.add_row(
             str(level.concurrency), str(len(level.latencies_ms)), str(sum(level.failures.values())),
             f"{level.throughput:.2f}", f"{level.percentile(50):.1f}", f"{level.percentile(90):.1f}",
-            f"{level.percentile(99):.1f}", f"{level.mean_batch:.2f}",
+            f"{level.percentile(99):.1f}", f"{level.mean_batch():.2f}",
         )  # fmt: skip
     return table

@@ -33,8 +33,9 @@ class LoadLevel:
     latencies_ms: list[float]
     failures: Counter[str] = field(default_factory=Counter)
     wrong: int = 0
-    inferences: int = 0  # server statistics over the level: requests the model ran ...
-    executions: int = 0  # ... in this many executions
+    # the server's statistics over the level, per model that ran (an ensemble's steps each):
+    # (requests it ran, in this many executions)
+    batching: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -43,9 +44,11 @@ class LoadLevel:
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
-    @property
     def mean_batch(self) -> float:
-        return self.inferences / self.executions if self.executions else float("nan")
+        """Requests per execution of the least batched model (an ensemble is as batched as its
+        least batched step); NaN when the server could not say."""
+        ratios = [inferences / executions for inferences, executions in self.batching.values() if executions]
+        return min(ratios) if ratios else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,7 +60,10 @@ class LoadLevel:
             "seconds": round(self.seconds, 4),
             "throughput_per_s": round(self.throughput, 3),
             "latency_ms": {f"p{q}": round(self.percentile(q), 3) for q in (50, 90, 99)},
-            "server": {"inferences": self.inferences, "executions": self.executions, "mean_batch": self.mean_batch},
+            "server": {
+                name: {"inferences": i, "executions": e, "mean_batch": i / e if e else None}
+                for name, (i, e) in self.batching.items()
+            },
         }
 
 
@@ -106,11 +112,20 @@ class Client:
         return {name: result.as_numpy(name) for name in outputs}
 
     def metadata(self, model: str) -> dict[str, Any]:
-        data = self.client.get_model_metadata(model)
+        return self._as_dict(self.client.get_model_metadata(model))
+
+    def executed_models(self, model: str) -> list[str]:
+        """The models a request to ``model`` runs: an ensemble's steps, else the model itself."""
+        config = self._as_dict(self.client.get_model_config(model))
+        config = config.get("config", config)  # gRPC wraps it in a response
+        steps = config.get("ensemble_scheduling", {}).get("step", [])
+        return [step["model_name"] for step in steps] or [model]
+
+    def _as_dict(self, data: Any) -> dict[str, Any]:
         if self.protocol == "grpc":
             from google.protobuf.json_format import MessageToDict
 
-            data = MessageToDict(data, preserving_proto_field_name=True)
+            return MessageToDict(data, preserving_proto_field_name=True)
         return data
 
     def statistics(self, model: str) -> tuple[int, int] | None:
@@ -120,11 +135,7 @@ class Client:
             data = self.client.get_inference_statistics(model)
         except Exception:  # unreachable or restarting: no counts, the requests' own failures tell
             return None
-        if self.protocol == "grpc":
-            from google.protobuf.json_format import MessageToDict
-
-            data = MessageToDict(data, preserving_proto_field_name=True)
-        stats = data["model_stats"][0]
+        stats = self._as_dict(data)["model_stats"][0]
         return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
     def close(self) -> None:
@@ -191,15 +202,17 @@ def run_load(
             ) from exc
         request = request if request is not None else example_request(metadata)
         outputs = [o["name"] for o in metadata["outputs"]]
+        executed = probe.executed_models(model)
         levels = []
         for concurrency in concurrencies:
-            before = probe.statistics(model)
+            before = {name: probe.statistics(name) for name in executed}
             level = _one_level(
                 url, protocol, model, concurrency, request, outputs, requests_per_client, duration_s, check
             )
-            if before is not None:
-                answered = len(level.latencies_ms)
-                level.inferences, level.executions = _settled_statistics(probe, model, before, answered)
+            answered = len(level.latencies_ms)
+            for name, counts in before.items():
+                if counts is not None:
+                    level.batching[name] = _settled_statistics(probe, name, counts, answered)
             log(f"concurrency {concurrency}: {level.throughput:.2f} req/s, p50 {level.percentile(50):.1f} ms")
             levels.append(level)
     finally:
