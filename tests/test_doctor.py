@@ -82,6 +82,8 @@ def test_doctor_json_has_this_machines_values(machine: tuple[subprocess.Complete
     assert report["torch_cuda_build"] == torch.version.cuda
     assert report["torch_cuda_available"] == torch.cuda.is_available()
     assert (report["nvcc"]["version"] is not None) == (kernels.find_nvcc() is not None)
+    assert report["tritonserver"]["version"] == f"nvidia-pytriton {importlib.metadata.version('nvidia-pytriton')}"
+    assert "backends: python" in report["tritonserver"]["detail"]  # the serve extra's bundle
     backends = report["bench_backends"]
     assert list(backends) == ["torch", "onnxruntime", "tensorrt"]
     assert backends["torch"]["usable"] and backends["onnxruntime"]["usable"]

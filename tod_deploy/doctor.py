@@ -85,11 +85,12 @@ class DoctorReport:
     nvcc: Component
     nvrtc: Component
     tensorrt: Component
+    tritonserver: Component
     bench_backends: tuple[Backend, ...]
 
     def components(self) -> tuple[Component, ...]:
         return (self.onnxruntime, self.onnxruntime_extensions, self.torch, self.cuda_python, self.nvcc, self.nvrtc,
-                self.tensorrt)  # fmt: skip
+                self.tensorrt, self.tritonserver)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -251,6 +252,20 @@ def probe_tensorrt() -> Component:
     return Component("TensorRT", getattr(tensorrt, "__version__", "unknown"))
 
 
+def probe_tritonserver() -> Component:
+    """The Triton Inference Server ``tod-deploy serve`` would start, and the backends it has."""
+    from tod_deploy.targets.triton_server import find_tritonserver  # noqa: PLC0415 - serving only
+
+    try:
+        install = find_tritonserver()
+    except UserError as exc:
+        return Component("tritonserver", problem="not found", install=exc.fix)
+    backends = sorted(p.name for p in install.backends.iterdir() if p.is_dir()) if install.backends.is_dir() else []
+    version = installed_version("nvidia-pytriton") if "pytriton" in install.source else None
+    detail = f"{install.source}; backends: {', '.join(backends) or 'none'}"
+    return Component("tritonserver", f"nvidia-pytriton {version}" if version else "on PATH", detail)
+
+
 def tensorrt_backend(*, tensorrt: Component, cuda_python: Component, gpu: GpuProbe) -> Backend:
     """bench's tensorrt backend needs a GPU, TensorRT and CUDA bindings; the first missing one is the reason."""
     if not gpu.devices:
@@ -305,6 +320,7 @@ def doctor_report() -> DoctorReport:
         nvcc=probe_nvcc(),
         nvrtc=probe_nvrtc(),
         tensorrt=tensorrt,
+        tritonserver=probe_tritonserver(),
         bench_backends=backends,
     )
 

@@ -13,6 +13,7 @@ and the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -59,15 +60,13 @@ class Installation:
 
 def find_tritonserver() -> Installation:
     """The bundled server (serve extra) first, else ``tritonserver`` on PATH."""
-    try:
-        import pytriton
-    except ImportError:
-        pytriton = None
-    if pytriton is not None:
-        root = Path(pytriton.__file__).parent / "tritonserver"
+    spec = importlib.util.find_spec("pytriton")  # located, not imported: only its files are used
+    if spec is not None and spec.submodule_search_locations:
+        package = Path(list(spec.submodule_search_locations)[0])
+        root = package / "tritonserver"
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
-        libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+        libs = package.parent / "nvidia_pytriton.libs"
         if (root / "bin" / "tritonserver").is_file():
             return Installation(
                 root / "bin" / "tritonserver",
