@@ -242,17 +242,20 @@ def test_served_models_match_local_onnxruntime(
     assert report.detections is not None and report.detections.checked > 0
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize(
+    ("protocol", "which"), [("http", "dfr_det_fcos"), ("grpc", "dfr_det_fcos"), ("http", "thumbdet")]
+)
 def test_the_ensemble_takes_image_bytes_and_answers_in_image_pixels(
-    server: TritonServer, protocol: str, dfr_det_plugin: ExportResult
+    server: TritonServer, protocol: str, which: str, small_export: ExportResult, dfr_det_plugin: ExportResult
 ) -> None:
+    export = small_export if which == "thumbdet" else dfr_det_plugin
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 256, (333, 517, 3), dtype=np.uint8)  # any size: the ensemble letterboxes
     client = Client(url(server, protocol), protocol)
     outputs = [*CONTRACT, "class_names"]
-    got = client.infer("dfr_det_fcos_ensemble", {"image": np.array([[encode_png(rgb)]], object)}, outputs)
-    chw, placement = letterbox(rgb, (256, 256))
-    local = OnnxRuntimeRunner(load_onnx(dfr_det_plugin.onnx_path)).run(chw[None])
+    got = client.infer(f"{which}_ensemble", {"image": np.array([[encode_png(rgb)]], object)}, outputs)
+    chw, placement = letterbox(rgb, export.sidecar.recipe.input_size)
+    local = OnnxRuntimeRunner(load_onnx(export.onnx_path)).run(chw[None])
     ref = {**local, "boxes": placement.to_original(local["boxes"]).astype(np.float32)}
     got["num_dets"] = got["num_dets"].reshape(-1)
     agreement = new_agreement(FP32)
