@@ -22,7 +22,7 @@ from tod_deploy.errors import UserError
 from tod_deploy.nn.binary import BinaryConv2d
 from tod_deploy.ops import ort_binary_conv
 from tod_deploy.ops.binary_conv_onnx import export_onnx, prepare_for_export
-from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights
+from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights, unpack_weights
 
 C_IN = 17
 SIGNS = (-1, 0, 1)
@@ -198,3 +198,31 @@ def test_plugin_zero_weights_with_zero_sign_0_name_the_layer() -> None:
     prepare_for_export(model, "decompose")  # +-1/0 float weights: fine
     with pytest.raises(UserError, match="mode"):
         prepare_for_export(model, "fast")  # type: ignore[arg-type]
+
+
+def test_the_reused_output_buffer_never_leaks_between_nodes_or_calls() -> None:
+    """The hook writes every call into one array per thread and shape: two chained nodes of the same
+    shape, and two runs whose first result is kept, must still give the reference's answers."""
+    attrs = BinaryConvAttrs(kernel_shape=(3, 3), in_channels=8, pads=(1, 1, 1, 1))
+    model = _hand_made_model(attrs, 8)
+    first = model.graph.node[0]
+    second = helper.make_node(
+        "BinaryConv2d", ["Y", "W_packed", "alpha", "bias"], ["Z"], domain="tod", **attrs.to_onnx()
+    )
+    del first.output[:]
+    first.output.append("Y")
+    model.graph.node.append(second)
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "Z")])
+    session = new_session(model)
+    packed = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W_packed"))
+    weight = unpack_weights(packed, attrs.group_channels)
+    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)
+    rng = np.random.default_rng(1)
+    inputs = [rng.standard_normal((1, 8, 6, 6)).astype(np.float32) for _ in range(2)]
+    kept = [session.run(None, {"X": x}) for x in inputs]
+    for x, (y, z) in zip(inputs, kept, strict=True):
+        y_ref = binary_conv2d_ref(x, weight, ones, zeros, attrs)[1]
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(z, binary_conv2d_ref(y_ref, weight, ones, zeros, attrs)[1])
+    assert not np.array_equal(kept[0][1], kept[1][1])

@@ -96,10 +96,13 @@ def binary_conv2d(
     isa: str | None = None,
     threads: int | None = None,
     return_sums: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Run the op; returns Y float32 ``[N, Cout, Ho, Wo]`` (and S int32 with ``return_sums``).
 
     ``threshold`` is an optional per-input-channel threshold overriding ``attrs.threshold``.
+    ``out``: write Y into this C-contiguous float32 array (the onnxruntime hook reuses one per shape:
+    a fresh 10 MB array costs its page faults on every call).
     """
     ext = _module()
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -123,7 +126,10 @@ def binary_conv2d(
         thr = np.ascontiguousarray(np.broadcast_to(np.asarray(threshold, dtype=np.float32).reshape(-1), thr.shape))
     n, c, h, w = x.shape
     ho, wo = attrs.output_size(h, w)
-    out = np.empty((n, cout, ho, wo), dtype=np.float32)
+    if out is None:
+        out = np.empty((n, cout, ho, wo), dtype=np.float32)
+    elif out.shape != (n, cout, ho, wo) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise UserError(f"BinaryConv2d out= must be float32 C-contiguous {(n, cout, ho, wo)}", "pass such an array")
     sums = np.empty((n, cout, ho, wo), dtype=np.int32) if return_sums else None
     (kh, kw), (sh, sw), (dh, dw) = attrs.kernel_shape, attrs.strides, attrs.dilations
     geometry = (n, c, h, w, cout, kh, kw, sh, sw, dh, dw, *attrs.pads, attrs.group, attrs.zero_sign, attrs.pad_value)
