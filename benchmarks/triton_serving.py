@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -37,16 +36,6 @@ CONCURRENCY = (1, 8)
 
 def log(line: str) -> None:
     print(line, file=sys.stderr)
-
-
-def free_ports() -> Ports:
-    sockets = [socket.socket() for _ in range(3)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = Ports(*(s.getsockname()[1] for s in sockets))
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def in_process(onnx_path: Path, images: np.ndarray, concurrency: int, seconds: float) -> float:
@@ -90,7 +79,7 @@ def main() -> None:
         options = TritonOptions(backend="python", max_batch=8, queue_delay_us=2000)
         write_repository(plan_repository(export.onnx_path, options), repo, overwrite=True)
     rows = []
-    with TritonServer(repo, free_ports()) as server:
+    with TritonServer(repo, Ports.free()) as server:
         address = f"127.0.0.1:{server.ports.http}"
         for name, export in exports.items():
             images = verification_images(export.sidecar.recipe, 1, seed=0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,16 +39,6 @@ from tod_deploy.targets.triton_python import DetectorStep, PostprocessStep, Prep
 from tod_deploy.targets.triton_server import Ports, TritonServer, startup_failure
 
 CONTRACT = ("num_dets", "boxes", "scores", "labels")
-
-
-def free_ports() -> Ports:
-    sockets = [socket.socket() for _ in range(3)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return Ports(*ports)
 
 
 def leftover_processes(repository: Path) -> list[str]:
@@ -93,7 +82,7 @@ def repository(
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> TritonServer:
-    with TritonServer(repository, free_ports()) as started:
+    with TritonServer(repository, Ports.free()) as started:
         yield started
     assert leftover_processes(repository) == []
 
@@ -342,7 +331,7 @@ def test_restart_mid_load_fails_requests_visibly_and_serves_again(tmp_path: Path
     def check(answer: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(answer["boxes"], expected["boxes"], atol=1e-2)
 
-    server = TritonServer(repo, free_ports()).start()
+    server = TritonServer(repo, Ports.free()).start()
     try:
         result = {}
         load = threading.Thread(target=lambda: result.update(report=run_load(
@@ -373,7 +362,7 @@ def test_a_missing_backend_is_one_line(tmp_path: Path, small_onnx: Path, backend
     repo = tmp_path / "repo"
     model = small_onnx if backend == "onnxruntime" else standin_engine(tmp_path, small_onnx)
     write_repository(plan_repository(model, TritonOptions(backend=backend)), repo)
-    proc = run("serve", str(repo), *port_args(free_ports()), "--timeout", "60")
+    proc = run("serve", str(repo), *port_args(Ports.free()), "--timeout", "60")
     assert_one_line_error(proc, f"'{backend}' backend", "backend not found", "--backend python")
     assert leftover_processes(repo) == []
 
@@ -396,7 +385,7 @@ def port_args(ports: Ports) -> list[str]:
 def test_serve_prints_endpoints_and_stops_on_ctrl_c(tmp_path: Path, dfr_det_plugin: ExportResult) -> None:
     repo = tmp_path / "repo"
     write_repository(plan_repository(dfr_det_plugin.onnx_path, TritonOptions()), repo)
-    ports = free_ports()
+    ports = Ports.free()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tod_deploy.cli", "serve", str(repo), *port_args(ports)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import site
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -38,6 +39,18 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Three ports free on loopback now (tests and benchmarks start servers side by side)."""
+        sockets = [socket.socket() for _ in range(3)]
+        try:
+            for s in sockets:
+                s.bind(("127.0.0.1", 0))
+            return cls(*(s.getsockname()[1] for s in sockets))
+        finally:
+            for s in sockets:
+                s.close()
 
     def endpoints(self, host: str = "localhost") -> dict[str, str]:
         return {
