@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -34,18 +34,24 @@ MANIFEST = "manifest.json"
 
 def read_rgb(path: Path) -> np.ndarray:
     """The pixels of an image file as uint8 [H, W, 3] RGB; a missing or unreadable file is a UserError."""
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_file():
         raise UserError(f"image {path} does not exist", "check the path, or the images folder given with --images")
+    return decode_rgb(path, str(path))
+
+
+def decode_rgb(source: Path | BinaryIO, name: str) -> np.ndarray:
+    """An encoded image (a file, or bytes in a stream: a served request's) as uint8 [H, W, 3] RGB;
+    undecodable or empty is a UserError naming ``name``."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path} (not a readable image file)", "replace or remove it") from exc
+        raise UserError(f"cannot read image {name} (not a readable image file)", "replace or remove it") from exc
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise UserError(f"image {path} is empty", "replace or remove it")
+        raise UserError(f"image {name} is empty", "replace or remove it")
     return rgb
 
 
@@ -72,6 +78,16 @@ class Letterbox:
         boxes[..., 0::2] = boxes[..., 0::2].clip(0, w)
         boxes[..., 1::2] = boxes[..., 1::2].clip(0, h)
         return boxes
+
+    def to_array(self) -> np.ndarray:
+        """float32 [6] (scale_x, scale_y, pad_x, pad_y, original H, W): how a served pipeline passes it
+        from its preprocessing step to its postprocessing step."""
+        return np.array([self.scale_x, self.scale_y, self.pad_x, self.pad_y, *self.original_hw], dtype=np.float32)
+
+    @classmethod
+    def from_array(cls, values: np.ndarray, input_hw: tuple[int, int] = (0, 0)) -> Letterbox:
+        sx, sy, px, py, h0, w0 = (float(v) for v in values)
+        return cls(sx, sy, int(px), int(py), (int(h0), int(w0)), input_hw)
 
     def to_input(self, boxes_xyxy: np.ndarray) -> np.ndarray:
         """The inverse (without clipping): original-image pixels -> model-input pixels."""

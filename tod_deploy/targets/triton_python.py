@@ -112,21 +112,15 @@ class PreprocessStep:
         return answers
 
     def one(self, encoded: bytes) -> tuple[np.ndarray, np.ndarray]:
-        from PIL import Image, UnidentifiedImageError
-
-        from tod_deploy.evaluation.datasets import letterbox
+        from tod_deploy.errors import UserError
+        from tod_deploy.evaluation.datasets import decode_rgb, letterbox
 
         try:
-            with Image.open(io.BytesIO(encoded)) as img:
-                img.load()
-                rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            rgb = decode_rgb(io.BytesIO(encoded), f"of {len(encoded)} bytes")
+        except UserError as exc:
             raise RequestError(f"image: {len(encoded)} bytes that are not a readable JPEG or PNG image") from exc
-        if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-            raise RequestError("image: the decoded image is empty")
-        chw, box = letterbox(rgb, self.input_hw)
-        placement = np.array([box.scale_x, box.scale_y, box.pad_x, box.pad_y, *box.original_hw], dtype=np.float32)
-        return chw, placement
+        chw, placement = letterbox(rgb, self.input_hw)
+        return chw, placement.to_array()
 
 
 @dataclass
@@ -146,9 +140,7 @@ class PostprocessStep:
         boxes = np.empty_like(request["boxes"])
         names = np.empty(request["labels"].shape, dtype=object)
         for i, placement in enumerate(request["letterbox"]):
-            sx, sy, px, py, h0, w0 = (float(v) for v in placement)
-            mapping = Letterbox(sx, sy, int(px), int(py), (int(h0), int(w0)), (0, 0))
-            boxes[i] = mapping.to_original(request["boxes"][i]).astype(np.float32)
+            boxes[i] = Letterbox.from_array(placement).to_original(request["boxes"][i]).astype(np.float32)
             labels = request["labels"][i]
             names[i] = [self.class_names[k].encode() if 0 <= k < len(self.class_names) else b"" for k in labels]
         return {
