@@ -24,7 +24,7 @@ from tod_deploy.parity.report import DecisionParity, OutputParity
 
 def compare_arrays(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> OutputParity:
     row = OutputParity("x", atol, rtol)
-    compare_into(row, ref, got, replace(FP32, atol=atol, rtol=rtol))
+    compare_into(row, ref, got, replace(FP32, atol=atol, rtol=rtol, scale_rtol=0.0))
     return row
 
 
@@ -37,6 +37,36 @@ def test_element_fails_only_above_both_tolerances() -> None:
     assert compare_arrays(ref, ref, 0, 0).failing == 0
     assert compare_arrays(ref, np.array([np.nan, 100.0, 0.0, 1e-6]), 1, 1).failing == 1
     assert compare_arrays(ref, ref[:2], 1, 1).failing == ref.size
+
+
+def test_dense_atol_scales_with_the_tensor_not_with_the_element() -> None:
+    """An element near 0 of a tensor of O(4) values may carry the rounding of O(4) sums (seen: 1.08e-4
+    in SR-TOD's RPN deltas, RMS 3.7); the same error in a tensor of O(0.1) values, or 1e-3, fails."""
+    rng = np.random.default_rng(0)
+    big = (rng.standard_normal(1000) * 4).astype(np.float32)
+    big[0] = 2e-4
+    nudged = big.copy()
+    nudged[0] += 1.1e-4
+    row = OutputParity("rpn_bbox_deltas", 1e-4, 1e-3)
+    compare_into(row, big, nudged, FP32)
+    assert row.ok and row.atol == pytest.approx(1e-4 * np.sqrt(np.mean(big.astype(np.float64) ** 2)))
+    small = big / 40
+    small[0] = 2e-4
+    moved = small.copy()
+    moved[0] += 1.1e-4
+    assert compare_arrays_scaled(small, moved).failing == 1  # atol stays 1e-4: RMS 0.1
+    far = big.copy()
+    far[0] += 1e-3
+    assert compare_arrays_scaled(big, far).failing == 1
+    pixels = OutputParity("boxes", 1e-4, 1e-3)
+    compare_into(pixels, big, nudged, FP32, scaled=False)  # pixel tensors keep their own atol
+    assert pixels.failing == 1 and pixels.atol == 1e-4
+
+
+def compare_arrays_scaled(ref: np.ndarray, got: np.ndarray) -> OutputParity:
+    row = OutputParity("x", 1e-4, 1e-3)
+    compare_into(row, ref, got, FP32)
+    return row
 
 
 def test_rel_rms_accumulates_over_inputs() -> None:

@@ -46,11 +46,19 @@ def verification_images(recipe: Recipe, batch: int, seed: int) -> np.ndarray:
     return x.numpy().astype(np.float32)
 
 
-def compare_into(row: OutputParity, ref: np.ndarray, got: np.ndarray, policy: ParityPolicy) -> None:
-    """Fold one input's ``got`` against ``ref`` into ``row`` (a shape mismatch fails every element)."""
+def compare_into(
+    row: OutputParity, ref: np.ndarray, got: np.ndarray, policy: ParityPolicy, scaled: bool = True
+) -> None:
+    """Fold one input's ``got`` against ``ref`` into ``row`` (a shape mismatch fails every element).
+
+    ``scaled``: a dense tensor, whose atol grows to ``policy.dense_atol`` (the row shows the largest
+    applied); tensors in pixels keep theirs (``policy.tolerance``).
+    """
     if ref.shape != got.shape:
         row.add(ref, got, None)
         return
+    if scaled:
+        row.atol = policy.dense_atol(row.atol, ref)
     got = got.astype(ref.dtype, copy=False)
     row.add(ref, got, policy.within(ref, got, row.atol, row.rtol))
 
@@ -102,7 +110,7 @@ def compare(
                 if site.kind == "threshold":
                     sink(DecisionRecord(site, ref[site.input], got[site.input], ref[site.output], got[site.output]))
         for name, row in rows.items():
-            compare_into(row, ref[name], got[name], policy)
+            compare_into(row, ref[name], got[name], policy, scaled=name not in plan.pixel)
         if agreement is not None and plan.detections is not None:
             agree_detections(ref, got, plan.detections, agreement, policy, box_atol)
     report.outputs = list(rows.values())
