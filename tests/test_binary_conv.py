@@ -7,6 +7,7 @@ threshold (and on 0), which is where sign conventions differ.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -18,9 +19,18 @@ import torch.nn.functional as F
 from tod_deploy.errors import UserError
 from tod_deploy.nn.binary import BinaryConv2d, RPReLU, RSign, sign_ste
 from tod_deploy.ops import binary_conv_cpu
-from tod_deploy.ops.binary_conv_cases import GEOMETRIES, SIGNS, Geometry, case_id, make_inputs
+from tod_deploy.ops.binary_conv_cases import (
+    ACTIVATION_CASES,
+    GEOMETRIES,
+    SIGNS,
+    Geometry,
+    case_id,
+    epilogue_inputs,
+    make_inputs,
+)
 from tod_deploy.ops.binary_conv_ref import (
     BinaryConvAttrs,
+    apply_epilogue,
     binarize,
     binary_conv2d_ref,
     pack_weights,
@@ -126,6 +136,73 @@ def test_kernel_matches_reference(isa: str, geo: Geometry) -> None:
         out, sums = binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, isa=isa, return_sums=True)
         assert np.array_equal(sums, want_sums), f"sums differ for zero_sign={zero_sign} pad_value={pad_value}"
         assert_scaled_close(out, want_out)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("activation", ACTIVATION_CASES)
+def test_kernel_fused_epilogue_is_bit_exact(isa: str, activation: str) -> None:
+    """Residual and activation (op version 2) on every geometry and sign convention, bit for bit."""
+    for geo in GEOMETRIES:
+        x, w, alpha, bias = make_inputs(geo)
+        for zero_sign, pad_value in itertools.product(SIGNS, SIGNS):
+            attrs = dataclasses.replace(geo.attrs(zero_sign, pad_value), activation=activation)
+            _, plain = reference(geo, zero_sign, pad_value)
+            residual, slope = epilogue_inputs(plain, activation)
+            packed = pack_weights(w, zero_sign)
+            for res in (residual, None):
+                _, want = binary_conv2d_ref(x, w, alpha, bias, attrs, residual=res, slope=slope)
+                got = binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, residual=res, slope=slope, isa=isa)
+                assert np.array_equal(got, want), f"{case_id(geo)} zero_sign={zero_sign} pad_value={pad_value}"
+                assert np.array_equal(np.signbit(got), np.signbit(want))  # -0.0 too
+
+
+def test_epilogue_is_what_onnx_add_then_prelu_or_relu_compute() -> None:
+    """The reference's step 6 against onnxruntime's own Add, PRelu and Relu: fusing them changes no bit."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    y = (rng.standard_normal((2, 6, 5, 7)) * 3).astype(np.float32)
+    residual, slope = epilogue_inputs(y, "prelu", seed=5)
+    shape = list(y.shape)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["y", "residual"], ["sum"]),
+            helper.make_node("PRelu", ["sum", "slope"], ["prelu"]),
+            helper.make_node("Relu", ["sum"], ["relu"]),
+        ],
+        "epilogue",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("y", "residual")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("sum", "prelu", "relu")],
+        [numpy_helper.from_array(slope.reshape(-1, 1, 1), "slope")],  # as torch exports nn.PReLU(C)
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    added, prelu, relu = session.run(None, {"y": y, "residual": residual})
+    assert np.array_equal(apply_epilogue(y, "none", residual), added)
+    assert np.array_equal(apply_epilogue(y, "prelu", residual, slope), prelu)
+    assert np.array_equal(apply_epilogue(y, "relu", residual), relu)
+    assert (added == 0).sum() >= y.size // 7  # the boundary is exercised
+
+
+def test_kernel_fused_epilogue_bad_input() -> None:
+    geo = Geometry(17, 4, 5, 5)
+    x, w, alpha, bias = make_inputs(geo)
+    packed = pack_weights(w, -1)
+    prelu = dataclasses.replace(geo.attrs(-1, 0), activation="prelu")
+    with pytest.raises(UserError, match="prelu needs 4 slopes, got 0"):
+        binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, prelu)
+    with pytest.raises(UserError, match="got 4 slopes with activation='relu'"):
+        relu = dataclasses.replace(prelu, activation="relu")
+        binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, relu, slope=np.ones(4, np.float32))
+    with pytest.raises(UserError, match="residual shape \\(2, 4, 5, 4\\) is not the output's"):
+        residual = np.zeros((2, 4, 5, 4), np.float32)
+        binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, geo.attrs(-1, 0), residual=residual)
+    residual = np.zeros((2, 4, 5, 5), np.float32)
+    with pytest.raises(UserError, match="overlaps the residual"):
+        binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, geo.attrs(-1, 0), residual=residual, out=residual)
+    with pytest.raises(UserError, match="activation='gelu' is unsupported"):
+        dataclasses.replace(prelu, activation="gelu")
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)

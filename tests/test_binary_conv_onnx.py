@@ -22,7 +22,8 @@ from tod_deploy.errors import UserError
 from tod_deploy.nn.binary import BinaryConv2d
 from tod_deploy.ops import ort_binary_conv
 from tod_deploy.ops.binary_conv_onnx import export_onnx, prepare_for_export
-from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights, unpack_weights
+from tod_deploy.ops.binary_conv_ref import VERSION, BinaryConvAttrs, binary_conv2d_ref, pack_weights, unpack_weights
+from tod_deploy.ops.binary_conv_versions import NONE_INPUT, domain_version, upgrade_to_v2
 
 C_IN = 17
 SIGNS = (-1, 0, 1)
@@ -159,14 +160,20 @@ def test_fold_pass_absorbs_explicit_sign_and_scalar_threshold() -> None:
         assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+def _v1_attrs(attrs: BinaryConvAttrs) -> dict[str, object]:
+    """The nine attributes a version-1 node (tod-deploy before the fused epilogue) carried."""
+    return {k: v for k, v in attrs.to_onnx().items() if k != "activation"}
+
+
 def _hand_made_model(attrs: BinaryConvAttrs, cout: int) -> onnx.ModelProto:
+    """A version-1 file, as tod-deploy wrote them before op version 2: four inputs, nine attributes, tod opset 1."""
     w = np.random.default_rng(0).standard_normal((cout, attrs.group_channels, *attrs.kernel_shape)).astype(np.float32)
     inits = [
         numpy_helper.from_array(pack_weights(w, attrs.zero_sign), "W_packed"),
         numpy_helper.from_array(np.ones(cout, np.float32), "alpha"),
         numpy_helper.from_array(np.zeros(cout, np.float32), "bias"),
     ]
-    node = helper.make_node("BinaryConv2d", ["X", "W_packed", "alpha", "bias"], ["Y"], domain="tod", **attrs.to_onnx())
+    node = helper.make_node("BinaryConv2d", ["X", "W_packed", "alpha", "bias"], ["Y"], domain="tod", **_v1_attrs(attrs))
     graph = helper.make_graph(
         [node],
         "g",
@@ -207,7 +214,7 @@ def test_the_reused_output_buffer_never_leaks_between_nodes_or_calls() -> None:
     model = _hand_made_model(attrs, 8)
     first = model.graph.node[0]
     second = helper.make_node(
-        "BinaryConv2d", ["Y", "W_packed", "alpha", "bias"], ["Z"], domain="tod", **attrs.to_onnx()
+        "BinaryConv2d", ["Y", "W_packed", "alpha", "bias"], ["Z"], domain="tod", **_v1_attrs(attrs)
     )
     del first.output[:]
     first.output.append("Y")
@@ -226,3 +233,79 @@ def test_the_reused_output_buffer_never_leaks_between_nodes_or_calls() -> None:
         np.testing.assert_array_equal(y, y_ref)
         np.testing.assert_array_equal(z, binary_conv2d_ref(y_ref, weight, ones, zeros, attrs)[1])
     assert not np.array_equal(kept[0][1], kept[1][1])
+
+
+def test_version_1_files_load_and_run_as_version_2(tmp_path) -> None:
+    attrs = BinaryConvAttrs(kernel_shape=(3, 3), in_channels=8, pads=(1, 1, 1, 1), zero_sign=0)
+    model = _hand_made_model(attrs, 5)
+    no_bias = helper.make_node("BinaryConv2d", ["X", "W_packed", "alpha"], ["Z"], domain="tod", **_v1_attrs(attrs))
+    model.graph.node.append(no_bias)  # the version-1 schema allowed a node without bias
+    model.graph.output.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, None))
+    path = tmp_path / "v1.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    upgraded = upgrade_to_v2(model)
+    assert domain_version(model) == 1 and domain_version(upgraded) == VERSION
+    for node in upgraded.graph.node:
+        assert list(node.input[4:]) == [NONE_INPUT, NONE_INPUT]
+        assert BinaryConvAttrs.from_onnx({a.name: helper.get_attribute_value(a) for a in node.attribute}) == attrs
+    x = np.random.default_rng(2).integers(-4, 5, (2, 8, 6, 7)).astype(np.float32) * 0.25
+    weight = unpack_weights(numpy_helper.to_array(model.graph.initializer[0]), 8)
+    want = binary_conv2d_ref(x, weight, np.ones(5, np.float32), None, attrs)[1]
+    for source in (path, model):  # a file on disk and a proto, as the session factory gets them
+        y, z = new_session(source).run(None, {"X": x})
+        assert np.array_equal(y, want) and np.array_equal(z, want)
+    assert path.read_bytes() == before  # upgraded in memory, the user's file untouched
+
+
+class BiRealBlocks(nn.Module):
+    """Fusable chains (conv -> Add -> PReLU / ReLU) and chains the pass must leave alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.convs = nn.ModuleList(BinaryConv2d(16, 16, 3, padding=1, bias=True) for _ in range(6))
+        self.prelu = nn.PReLU(16)
+        self.prelu_shared = nn.PReLU()  # one slope for all channels
+        with torch.no_grad():
+            self.prelu.weight.uniform_(-0.5, 0.5)
+            for conv in self.convs:
+                conv.bias.uniform_(-2, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = self.prelu(self.convs[0](x) + x)  # Bi-Real block: fused, residual + prelu
+        b = torch.relu(a + self.convs[1](a))  # residual first operand, relu: fused
+        c = self.prelu_shared(self.convs[2](b))  # activation only: fused
+        d = self.convs[3](c) + c  # residual only: fused
+        e = self.convs[4](d)
+        f = torch.relu(e + 1.0)  # broadcast Add: not a residual, not fused
+        g = self.convs[5](d)
+        return f, torch.relu(g), g * 2.0  # g read twice: not fused
+
+
+def test_fuse_pass_folds_residual_and_activation_and_changes_no_bit() -> None:
+    model = BiRealBlocks().eval()
+    x = torch.randint(-8, 9, (1, 16, 12, 11)).float() * 0.25
+    fused = export_onnx(model, (x,), "plugin")
+    unfused = export_onnx(model, (x,), "plugin-unfused")
+    nodes = [n for n in fused.graph.node if n.op_type == "BinaryConv2d"]
+    epilogues = []
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        epilogues.append((attrs["activation"].decode(), node.input[4] != NONE_INPUT))
+    assert epilogues == [("prelu", True), ("relu", True), ("prelu", False), ("none", True), ("none", False),
+                         ("none", False)]  # fmt: skip
+    slopes = numpy_helper.to_array(next(i for i in fused.graph.initializer if i.name == nodes[2].input[5]))
+    assert slopes.shape == (16,) and np.all(slopes == slopes[0])  # the shared slope, per channel
+    unfused_ops = [n.op_type for n in unfused.graph.node]
+    assert unfused_ops.count("PRelu") == 2 and unfused_ops.count("Add") == 4
+    assert [n.op_type for n in fused.graph.node].count("Add") == 1  # only the broadcast one is left
+    assert domain_version(fused) == VERSION and domain_version(unfused) == VERSION
+    feeds = {"x": x.numpy()}
+    got = new_session(fused, threads=2).run(None, {fused.graph.input[0].name: x.numpy()})
+    plain = new_session(unfused, threads=2).run(None, {unfused.graph.input[0].name: feeds["x"]})
+    with torch.no_grad():
+        want = [t.numpy() for t in model(x)]
+    for a, b, c in zip(got, plain, want, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert (want[0] > 0).any() and (want[0] == 0).any()  # both sides of the activations were exercised

@@ -6,7 +6,8 @@ No GPU runs here, so the kernel is checked in three ways that can run anywhere:
   launcher calls and the tensor-core instruction each arch is meant to use;
 * a host harness (plugins/binary_conv2d/cuda/host_check.cpp) runs the kernel's own TOD_HD steps
   block by block, with the warp MMA emulated from the PTX ISA's fragment tables, and must match
-  the NumPy reference bit for bit on the integer sums, on the cases the CPU kernel is tested over;
+  the NumPy reference bit for bit on the integer sums, on the cases the CPU kernel is tested over,
+  and on Y through the fused epilogue (residual, relu / prelu) with the inputs ``doctor --gpu`` uses;
 * the launch arithmetic agrees with ``BinaryConvAttrs`` on ints and uses only what TensorRT's
   symbolic shape expressions support.
 
@@ -17,6 +18,7 @@ compiled kernel over on a real GPU (tests/test_doctor.py).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import os
 import re
@@ -37,10 +39,11 @@ from tod_deploy.ops.binary_conv_cases import (
     Geometry,
     case_id,
     edge_case_inputs,
+    epilogue_inputs,
     make_inputs,
     sign_pairs,
 )
-from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights
+from tod_deploy.ops.binary_conv_ref import ACTIVATIONS, BinaryConvAttrs, binary_conv2d_ref, pack_weights
 from tod_deploy.trt import kernels
 
 PATHS = {"and_m16n8k256": 0, "xor_m8n8k128": 1}
@@ -139,6 +142,14 @@ def test_python_constants_mirror_the_tile_header() -> None:
     assert enum, "ArgIndex enum not found"
     names = [name.strip() for name in enum.group(1).split(",") if name.strip()]
     assert names[-1] == "kArgCount" and len(names) - 1 == len(kernels.KERNEL_INT_ARGS)
+    assert names[-3:-1] == ["kActivation", "kHasResidual"] == ["k" + "".join(map(str.title, n.split("_")))
+                                                                 for n in kernels.KERNEL_INT_ARGS[-2:]]  # fmt: skip
+    core = (kernels.PLUGIN_DIR / "binary_conv2d_core.h").read_text()
+    codes = re.search(r"enum Activation \{(.*?)\};", core, re.S)
+    assert codes, "enum Activation not found in binary_conv2d_core.h"
+    assert [tuple(item.split("=")) for item in codes.group(1).replace(" ", "").split(",")] == [
+        (f"kAct{name.title()}", str(code)) for code, name in enumerate(ACTIVATIONS)
+    ]
 
 
 # --- host arithmetic ----------------------------------------------------------------------------
@@ -161,8 +172,8 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     dll = ctypes.CDLL(str(lib))
     ptr = np.ctypeslib.ndpointer
     f32, u8, i32, u64 = (ptr(t, flags="C_CONTIGUOUS") for t in (np.float32, np.uint8, np.int32, np.uint64))
-    i = ctypes.c_int32
-    dll.tod_emulate_kernel.argtypes = [f32, u8, f32, f32, i32, ctypes.c_int, i, i, i, f32, i32]
+    i, optional = ctypes.c_int32, ctypes.c_void_p  # residual and slope: null when absent, as the kernel may get
+    dll.tod_emulate_kernel.argtypes = [f32, u8, f32, f32, optional, optional, i32, ctypes.c_int, i, i, i, f32, i32]
     dll.tod_emulate_kernel.restype = ctypes.c_int
     dll.tod_direct_sums.argtypes = [f32, u8, i32, i32]
     dll.tod_direct_sums.restype = None
@@ -182,15 +193,24 @@ def emulate(
     bias: np.ndarray,
     attrs: BinaryConvAttrs,
     path: int,
+    *,
+    residual: np.ndarray | None = None,
+    slope: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run the kernel's block steps over the grid launch_geometry gives; unwritten outputs stay NaN / INT32_MIN."""
+    """Run the kernel's block steps over the grid launch_geometry gives; unwritten outputs stay NaN / INT32_MIN.
+
+    An absent residual or slope reaches the kernel as a null pointer: reading it would crash the harness.
+    """
     cout = packed.shape[0]
     launch = kernels.launch_geometry(x.shape, cout, attrs)
-    args = np.array(kernels.kernel_int_args(x.shape, cout, attrs), dtype=np.int32)
+    args = kernels.kernel_int_args(x.shape, cout, attrs, has_residual=residual is not None)
     oh, ow = attrs.output_size(*x.shape[2:])
     y = np.full((x.shape[0], cout, oh, ow), np.nan, dtype=np.float32)
     sums = np.full(y.shape, np.iinfo(np.int32).min, dtype=np.int32)
-    rc = dll.tod_emulate_kernel(np.ascontiguousarray(x), packed, alpha, bias, args, path, *launch.grid, y, sums)
+    pointers = [None if a is None else np.ascontiguousarray(a, dtype=np.float32) for a in (residual, slope)]
+    rc = dll.tod_emulate_kernel(np.ascontiguousarray(x), packed, alpha, bias,
+                                *(None if a is None else a.ctypes.data for a in pointers),
+                                np.array(args, dtype=np.int32), path, *launch.grid, y, sums)  # fmt: skip
     assert rc == 0, "the emulated MMA fragment table does not cover A/B exactly once"
     return sums, y
 
@@ -215,7 +235,7 @@ def test_direct_packed_sums_match_reference(harness: ctypes.CDLL, geo: Geometry)
         attrs = geo.attrs(zero_sign, pad_value)
         want_sums, _ = reference(geo, zero_sign, pad_value)
         sums = np.full(want_sums.shape, np.iinfo(np.int32).min, dtype=np.int32)
-        args = np.array(kernels.kernel_int_args(x.shape, geo.cout, attrs), dtype=np.int32)
+        args = np.array(kernels.kernel_int_args(x.shape, geo.cout, attrs, has_residual=False), dtype=np.int32)
         harness.tod_direct_sums(x, pack_weights(w, zero_sign), args, sums)
         assert np.array_equal(sums, want_sums), f"sums differ for zero_sign={zero_sign} pad_value={pad_value}"
 
@@ -229,6 +249,43 @@ def test_kernel_steps_nan_threshold_ties_and_zero_bias(harness: ctypes.CDLL, pat
         sums, out = emulate(harness, x, pack_weights(w, zero_sign), alpha, zeros, attrs, path)
         assert np.array_equal(sums, want_sums)
         assert_scaled_close(out, want_out)
+
+
+# The epilogue's host check: three geometries (odd channels and stride 2, 17 per group, two channel tiles per
+# group), each with one of the sign pairs, every activation with and without a residual.
+EPILOGUE_GEOMETRIES = (CUDA_CASES[1], CUDA_CASES[6], CUDA_CASES[-2])
+
+
+def bits_equal(got: np.ndarray, want: np.ndarray) -> bool:
+    """Float32 bit patterns equal (so -0.0 != 0.0), any NaN equal to any NaN."""
+    nan = np.isnan(want)
+    return bool(np.array_equal(np.isnan(got), nan) and np.array_equal(got[~nan].view(np.uint32),
+                                                                        want[~nan].view(np.uint32)))  # fmt: skip
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("geo", EPILOGUE_GEOMETRIES, ids=case_id)
+def test_kernel_epilogue_matches_reference(harness: ctypes.CDLL, geo: Geometry, path: int) -> None:
+    """Y = act(alpha * S + bias + residual) bit for bit, each step rounded; absent inputs never read."""
+    zero_sign, pad_value = sign_pairs()[EPILOGUE_GEOMETRIES.index(geo) * 4]
+    x, w, alpha, bias = make_inputs(geo)
+    plain = geo.attrs(zero_sign, pad_value)
+    _, base = binary_conv2d_ref(x, w, alpha, bias, plain)
+    packed = pack_weights(w, zero_sign)
+    for activation, with_residual in itertools.product(ACTIVATIONS, (False, True)):
+        attrs = dataclasses.replace(plain, activation=activation)
+        residual, slope = epilogue_inputs(base, activation)  # the inputs doctor --gpu gives the kernel too
+        if with_residual:
+            residual[1, :2, 0, 0] = (np.nan, -np.inf)  # NaN passes both activations; -inf off slope[0] = 0
+        else:
+            residual = None
+        _, want = binary_conv2d_ref(x, w, alpha, bias, attrs, residual=residual, slope=slope)
+        if with_residual:
+            assert (base + residual == 0).any() and (base + residual < 0).any(), "the inputs miss 0 or negatives"
+        if activation == "prelu":
+            assert (slope < 0).any() and (want < 0).any()
+        _, got = emulate(harness, x, packed, alpha, bias, attrs, path, residual=residual, slope=slope)
+        assert bits_equal(got, want), f"Y differs for activation={activation} residual={with_residual}"
 
 
 def random_planes(rng: np.random.Generator, words: int) -> tuple[np.ndarray, ...]:
@@ -294,7 +351,8 @@ def test_launch_arithmetic_matches_attrs(harness: ctypes.CDLL, geo: Geometry) ->
         shape = (n, geo.c, geo.h, geo.w)
         oh, ow = attrs.output_size(geo.h, geo.w)
         assert kernels.output_hw(geo.h, geo.w, attrs) == (oh, ow)
-        args = dict(zip(kernels.KERNEL_INT_ARGS, kernels.kernel_int_args(shape, geo.cout, attrs), strict=True))
+        int_args = kernels.kernel_int_args(shape, geo.cout, attrs, has_residual=False)
+        args = dict(zip(kernels.KERNEL_INT_ARGS, int_args, strict=True))
         assert args == {
             "n": n,
             "c": geo.c,
@@ -315,6 +373,8 @@ def test_launch_arithmetic_matches_attrs(harness: ctypes.CDLL, geo: Geometry) ->
             "zero_sign": zero_sign,
             "pad_value": pad_value,
             "threshold_bits": int(np.float32(geo.threshold).view(np.int32)),
+            "activation": 0,
+            "has_residual": 0,
         }
         launch = kernels.launch_geometry(shape, geo.cout, attrs)
         gx, gy, gz = launch.grid
@@ -324,8 +384,15 @@ def test_launch_arithmetic_matches_attrs(harness: ctypes.CDLL, geo: Geometry) ->
         assert launch.block == (kernels.THREADS, 1, 1) and launch.shared_mem == 0
         symbolic = kernels.launch_geometry(tuple(Sym(d) for d in shape), geo.cout, attrs, cdiv=sym_cdiv)
         assert [Sym.of(d) for d in symbolic.grid] == [gx, gy, gz]
-        sym_args = kernels.kernel_int_args(tuple(Sym(d) for d in shape), geo.cout, attrs, cdiv=sym_cdiv)
+        sym_args = kernels.kernel_int_args(tuple(Sym(d) for d in shape), geo.cout, attrs, cdiv=sym_cdiv,
+                                           has_residual=False)  # fmt: skip
         assert [Sym.of(a) for a in sym_args] == list(args.values())
+    for code, activation in enumerate(ACTIVATIONS):  # the enum Activation of binary_conv2d_core.h
+        attrs = dataclasses.replace(geo.attrs(-1, 0), activation=activation)
+        for has_residual in (False, True):
+            args = dict(zip(kernels.KERNEL_INT_ARGS, kernels.kernel_int_args(
+                (1, geo.c, geo.h, geo.w), geo.cout, attrs, has_residual=has_residual), strict=True))  # fmt: skip
+            assert (args["activation"], args["has_residual"]) == (code, int(has_residual))
 
 
 def test_output_hw_and_out_channels_errors() -> None:

@@ -1,4 +1,5 @@
-"""DFR-Det: 1-bit FCOS export in both binary-conv modes, the paper's size figures, training step."""
+"""DFR-Det: 1-bit FCOS export in every binary-conv mode (fused, unfused, decomposed), the paper's size
+figures, training step."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from onnx import helper, numpy_helper
 
+from tod_deploy.artifacts import Sidecar
 from tod_deploy.errors import UserError
-from tod_deploy.export.pipeline import export_model
+from tod_deploy.export.pipeline import export_model, rebuild_deploy_model
+from tod_deploy.export.verify import verify_onnx
 from tod_deploy.inspection import inspect_method
 from tod_deploy.models import build_deploy_model, build_training_model
 from tod_deploy.nn.binary import BinaryConv2d
@@ -71,8 +75,8 @@ def test_one_training_step() -> None:
     assert latent.grad.abs().sum() > 0  # the STE reaches the latent weights
 
 
-@pytest.mark.parametrize("mode", ["plugin", "decompose"])
-def test_export_parity_in_both_modes(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode", ["plugin", "plugin-unfused", "decompose"])
+def test_export_parity_in_every_mode(tmp_path: Path, mode: str) -> None:
     ckpt = confident_checkpoint(tmp_path / "dfr.pth")
     result = export_model("dfr_det", tmp_path, checkpoint=ckpt, overrides={**SMALL, "binary_conv": mode}, log=quiet)
     report = result.verification
@@ -82,11 +86,16 @@ def test_export_parity_in_both_modes(tmp_path: Path, mode: str) -> None:
     model = onnx.load(str(result.onnx_path))
     custom = [n for n in model.graph.node if n.domain == "tod"]
     assert not any(init.name.startswith("decoder") or ".decoder." in init.name for init in model.graph.initializer)
-    if mode == "plugin":
+    if mode.startswith("plugin"):
         # 16 backbone layers, and the 8 tower convs of the head once per pyramid level (5)
         assert len(custom) == 16 + 8 * 5 and {n.op_type for n in custom} == {"BinaryConv2d"}
         # Within 25% of the paper's 1-bit size (15.47 MB): weights really are stored as bits.
         assert abs(result.onnx_path.stat().st_size / 15.47e6 - 1) < 0.25
+        # Every layer is a Bi-Real block, prelu(conv + shortcut): fused by default, 56 x (Add, PRelu) left otherwise
+        activations = {helper.get_attribute_value(a) for n in custom for a in n.attribute if a.name == "activation"}
+        prelus = sum(n.op_type == "PRelu" for n in model.graph.node)
+        assert (activations, prelus) == (({b"prelu"}, 0) if mode == "plugin" else ({b"none"}, len(custom)))
+        assert report.decision("binary layers").output.max_abs == 0.0
     else:
         assert custom == []
 
@@ -103,10 +112,21 @@ def test_other_detectors_export_with_parity(tmp_path: Path, detector: str) -> No
 
 
 def test_teacher_forcing_is_what_makes_parity_exact(tmp_path: Path) -> None:
-    """Without it, one rounding-level sign flip would cascade; with it every binary layer is exact."""
+    """Without it, one rounding-level sign flip would cascade; with it every binary layer is exact,
+    fused epilogue included, and a wrong epilogue (one slope off by 0.1%) is caught there."""
     result = export_model("dfr_det", tmp_path, overrides={**SMALL, "binary_conv": "plugin"}, log=quiet)
     layers = result.verification.decision("binary layers").output
     assert layers.total > 1_000_000 and layers.max_abs == 0.0
+    model = onnx.load(str(result.onnx_path))
+    node = next(n for n in model.graph.node if n.op_type == "BinaryConv2d")
+    slope = next(i for i in model.graph.initializer if i.name == node.input[5])
+    values = numpy_helper.to_array(slope).copy()
+    values[:] *= 1.001
+    slope.CopyFrom(numpy_helper.from_array(values, slope.name))
+    sidecar = Sidecar.load(result.onnx_path)
+    report = verify_onnx(model, rebuild_deploy_model(sidecar, quiet), sidecar.recipe, seeds=(0,))
+    wrong = report.decision("binary layers").output
+    assert not report.ok and wrong.failing > 0 and wrong.max_abs > 0
 
 
 def test_paper_size_figures() -> None:

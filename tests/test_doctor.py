@@ -9,6 +9,7 @@ definitions the TensorRT plugin and the kernel use (``kernels``, ``plugins``, th
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -33,7 +34,13 @@ from tod_deploy.ops.binary_conv_cases import (
     make_inputs,
     sign_pairs,
 )
-from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights, unpack_weights
+from tod_deploy.ops.binary_conv_ref import (
+    ACTIVATIONS,
+    BinaryConvAttrs,
+    binary_conv2d_ref,
+    pack_weights,
+    unpack_weights,
+)
 from tod_deploy.trt import gpu_selftest, kernels
 from tod_deploy.trt.cuda_driver import CudaError, GpuDevice, GpuProbe, call, cuda_version_text, parse_nvidia_smi
 
@@ -232,23 +239,45 @@ def test_require_gpu() -> None:
 # --- the self-test's decisions ------------------------------------------------------------------
 
 
+GRID = len(CUDA_CASES) * len(sign_pairs())  # the plain grid's cases come first, then 3 edge cases
+FIRST_EPILOGUE = GRID + 3
+
+
 def test_kernel_cases_walk_the_shared_grid() -> None:
     cases = gpu_selftest.kernel_cases()
-    assert len(cases) == len(CUDA_CASES) * len(sign_pairs()) + 3 and len({case.name for case in cases}) == len(cases)
-    grid = [(case.geometry, case.zero_sign, case.pad_value) for case in cases if not case.edge]
+    assert len({case.name for case in cases}) == len(cases)
+    plain = [case for case in cases if case.activation == "none" and not case.residual]
+    assert len(plain) == GRID + 3 and plain == cases[:FIRST_EPILOGUE]
+    grid = [(case.geometry, case.zero_sign, case.pad_value) for case in plain if not case.edge]
     assert grid == [(geo, z, p) for geo in CUDA_CASES for z, p in sign_pairs()]
     assert all(case.geometry == EDGE_CASE for case in cases if case.edge)
+    epilogue = cases[FIRST_EPILOGUE:]
+    assert {(case.activation, case.residual) for case in epilogue} == {(a, True) for a in ACTIVATIONS} | {
+        ("relu", False), ("prelu", False)}  # fmt: skip
+    assert len({case.geometry for case in epilogue}) >= 2 and all(case.geometry in CUDA_CASES for case in epilogue)
+    assert "prelu+residual" in epilogue[2].name
 
 
-@pytest.mark.parametrize("index", [0, 13, 95, 99])  # plain, threshold 0.5, the 256-channel tile, the edge case
+# plain, threshold 0.5, the 256-channel tile, the edge case, prelu+residual, prelu with two channel tiles per group
+@pytest.mark.parametrize("index", [0, 13, 95, 99, FIRST_EPILOGUE + 2, FIRST_EPILOGUE + 9])
 def test_case_data_is_what_tensorrt_hands_the_kernel(index: int) -> None:
     case = gpu_selftest.kernel_cases()[index]
     data = gpu_selftest.case_data(case)
     assert data.w_words.dtype == np.dtype("<i4") and data.x.dtype == np.float32
     x, w, alpha, bias = edge_case_inputs() if case.edge else make_inputs(case.geometry)
     assert data.w_words.tobytes() == pack_weights(w, case.zero_sign).tobytes()
-    _, want = binary_conv2d_ref(x, w, alpha, bias, data.attrs)
+    assert data.attrs.activation == case.activation and data.has_residual == case.residual
+    assert data.residual.dtype == data.slope.dtype == np.float32
+    assert data.residual.shape == (data.out_shape if case.residual else (0,))
+    assert data.slope.shape == ((data.out_channels,) if case.activation == "prelu" else (0,))
+    residual, slope = (a if a.size else None for a in (data.residual, data.slope))
+    _, want = binary_conv2d_ref(x, w, alpha, bias, data.attrs, residual=residual, slope=slope)
     assert gpu_selftest.first_mismatch(data.expected, want) is None and data.out_shape == want.shape
+    if case.residual:  # Y + residual lands exactly on 0 and below it
+        _, plain = binary_conv2d_ref(x, w, alpha, bias, dataclasses.replace(data.attrs, activation="none"))
+        assert (plain + data.residual == 0).any() and (plain + data.residual < 0).any()
+    if case.activation == "prelu":
+        assert (data.slope < 0).any() and (data.expected < 0).any()
     if case.geometry.ties:  # zeros and values exactly on the threshold are in every tie grid
         assert (x == 0).any() and (x == np.float32(case.geometry.threshold)).any()
     if case.edge:
@@ -267,22 +296,25 @@ def test_stage_data_expected_equals_the_reference() -> None:
     ]  # fmt: skip
 
 
-def test_kernel_params_follow_the_ptx_entry_and_kernel_int_args() -> None:
-    """4 input pointers (.u64), the 19 int32 of KERNEL_INT_ARGS (.u32), the output pointer (.u64), in order."""
+@pytest.mark.parametrize("index", [13, FIRST_EPILOGUE + 2])
+def test_kernel_params_follow_the_ptx_entry_and_kernel_int_args(index: int) -> None:
+    """6 input pointers (.u64), the 21 int32 of KERNEL_INT_ARGS (.u32), the output pointer (.u64), in order."""
     require_nvcc()
-    case = gpu_selftest.kernel_cases()[13]
+    case = gpu_selftest.kernel_cases()[index]
     data = gpu_selftest.case_data(case)
-    call_ = gpu_selftest.plan_call(data.x.shape, data.out_channels, data.attrs)
+    call_ = gpu_selftest.plan_call(data.x.shape, data.out_channels, data.attrs, has_residual=data.has_residual)
     assert call_.launch == kernels.launch_geometry(data.x.shape, data.out_channels, data.attrs)
-    assert list(call_.int_args) == kernels.kernel_int_args(data.x.shape, data.out_channels, data.attrs)
+    assert list(call_.int_args) == kernels.kernel_int_args(data.x.shape, data.out_channels, data.attrs,
+                                                           has_residual=case.residual)  # fmt: skip
     named = dict(zip(kernels.KERNEL_INT_ARGS, call_.int_args, strict=True))
     assert named["threshold_bits"] == kernels.float_bits(case.geometry.threshold) and named["n"] == 2
     assert (named["zero_sign"], named["pad_value"]) == (case.zero_sign, case.pad_value)
-    inputs, outputs = [0x7F0000001000 + 256 * i for i in range(4)], [0x7F0000009000]
+    assert (named["activation"], named["has_residual"]) == (ACTIVATIONS.index(case.activation), int(case.residual))
+    inputs, outputs = [0x7F0000001000 + 256 * i for i in range(6)], [0x7F0000009000]
     params = gpu_selftest.kernel_params(inputs, call_.int_args, outputs)
     ptx_kind = {8: "u64", 4: "u32"}
     assert [ptx_kind[ctypes.sizeof(value)] for value in params.values] == entry_params(kernels.compile_ptx("sm_80"))
-    assert [type(v) for v in params.values] == [ctypes.c_uint64] * 4 + [ctypes.c_int32] * 19 + [ctypes.c_uint64]
+    assert [type(v) for v in params.values] == [ctypes.c_uint64] * 6 + [ctypes.c_int32] * 21 + [ctypes.c_uint64]
     assert list(params.array) == [ctypes.addressof(value) for value in params.values]
     pointed = [ctypes.cast(address, ctypes.POINTER(type(value))).contents.value
                for address, value in zip(params.array, params.values, strict=True)]  # fmt: skip
@@ -291,10 +323,10 @@ def test_kernel_params_follow_the_ptx_entry_and_kernel_int_args() -> None:
 
 def test_kernel_params_refuse_a_wrong_signature() -> None:
     args = [0] * len(kernels.KERNEL_INT_ARGS)
-    with pytest.raises(ValueError, match=r"takes \(4, 19, 1\)"):
-        gpu_selftest.kernel_params([1, 2, 3], args, [4])
+    with pytest.raises(ValueError, match=r"takes \(6, 21, 1\)"):
+        gpu_selftest.kernel_params([1, 2, 3, 4], args, [5])  # the version-1 signature
     with pytest.raises(ValueError, match="out of range"):
-        gpu_selftest.kernel_params([1, 2, 3, 4], [2**31, *args[1:]], [5])
+        gpu_selftest.kernel_params([1, 2, 3, 4, 5, 6], [2**31, *args[1:]], [7])
 
 
 def test_first_mismatch_compares_bits() -> None:
@@ -317,7 +349,7 @@ class HostKernel:
     wrong place or of the wrong width, or a launch grid that disagrees with the arguments, fails here."""
 
     def launch(self, launch: kernels.Launch, params: ctypes.Array, *, stream: int) -> None:
-        assert len(params) == 24 and stream == 0
+        assert len(params) == 28 and stream == 0
         addresses = list(params)
 
         def value(index: int, ctype: type) -> int:
@@ -326,8 +358,9 @@ class HostKernel:
         def host(pointer: int, ctype: type, shape: tuple[int, ...]) -> np.ndarray:
             return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctype)), shape=shape)
 
-        x_ptr, w_ptr, alpha_ptr, bias_ptr, y_ptr = (value(i, ctypes.c_uint64) for i in (0, 1, 2, 3, 23))
-        a = dict(zip(kernels.KERNEL_INT_ARGS, (value(4 + i, ctypes.c_int32) for i in range(19)), strict=True))
+        x_ptr, w_ptr, alpha_ptr, bias_ptr, residual_ptr, slope_ptr, y_ptr = (
+            value(i, ctypes.c_uint64) for i in (0, 1, 2, 3, 4, 5, 27))  # fmt: skip
+        a = dict(zip(kernels.KERNEL_INT_ARGS, (value(6 + i, ctypes.c_int32) for i in range(21)), strict=True))
         n, c, h, w, cout, kh, kw = (a[k] for k in ("n", "c", "h", "w", "out_channels", "kernel_h", "kernel_w"))
         (sh, sw), (dh, dw) = (a["stride_h"], a["stride_w"]), (a["dilation_h"], a["dilation_w"])
         bottom = max(0, (a["out_h"] - 1) * sh + dh * (kh - 1) - a["pad_top"] - (h - 1))  # the rows the kernel reads
@@ -335,14 +368,19 @@ class HostKernel:
         attrs = BinaryConvAttrs(
             kernel_shape=(kh, kw), in_channels=c, strides=(sh, sw), pads=(a["pad_top"], a["pad_left"], bottom, right),
             dilations=(dh, dw), group=a["group"], threshold=float(np.int32(a["threshold_bits"]).view(np.float32)),
-            zero_sign=a["zero_sign"], pad_value=a["pad_value"],
+            zero_sign=a["zero_sign"], pad_value=a["pad_value"], activation=ACTIVATIONS[a["activation"]],
         )  # fmt: skip
         assert attrs.output_size(h, w) == (a["out_h"], a["out_w"])
         assert launch == kernels.launch_geometry((n, c, h, w), cout, attrs)
         w_words = host(w_ptr, ctypes.c_int32, (cout, kh, kw, attrs.words * 2))
         weight = unpack_weights(w_words.view(np.uint8), attrs.group_channels)
         alpha, bias = host(alpha_ptr, ctypes.c_float, (cout,)), host(bias_ptr, ctypes.c_float, (cout,))
-        _, out = binary_conv2d_ref(host(x_ptr, ctypes.c_float, (n, c, h, w)), weight, alpha, bias, attrs)
+        y_shape = (n, cout, a["out_h"], a["out_w"])
+        # like the kernel, read the residual and slope only when present (an empty tensor's pointer may be null)
+        residual = host(residual_ptr, ctypes.c_float, y_shape) if a["has_residual"] else None
+        slope = host(slope_ptr, ctypes.c_float, (cout,)) if attrs.activation == "prelu" else None
+        x = host(x_ptr, ctypes.c_float, (n, c, h, w))
+        _, out = binary_conv2d_ref(x, weight, alpha, bias, attrs, residual=residual, slope=slope)
         host(y_ptr, ctypes.c_float, out.shape)[...] = out
 
 
@@ -351,7 +389,8 @@ class NoLaunch:
         pass
 
 
-@pytest.mark.parametrize("index", [0, 13, 40, 62, 95, 100])
+@pytest.mark.parametrize("index", [0, 13, 40, 62, 95, 100, FIRST_EPILOGUE + 2, FIRST_EPILOGUE + 4,
+                                   FIRST_EPILOGUE + 6])  # fmt: skip
 def test_runner_hands_the_kernel_the_buffers_and_arguments_of_the_case(index: int) -> None:
     import torch
 
@@ -403,7 +442,8 @@ def test_report_ratios_summary_and_atomic_file(tmp_path: Path) -> None:
     assert stage["input"] == [1, 64, 200, 200] and stage["speedup_vs"]["cudnn_fp32"] == pytest.approx(8.0)
     assert stage["skipped"] == {"int8_gemm": "_int_mm: no kernel for this GPU"}
     assert stage["labels"]["int8_gemm"] == "int8 GEMM (torch._int_mm), conv as GEMM"
-    assert gpu_selftest.summary_line(report).startswith("GPU self-test passed on NVIDIA H200 (sm_90 PTX): 102/102")
+    total = len(report.cases)
+    assert gpu_selftest.summary_line(report).startswith(f"GPU self-test passed on NVIDIA H200 (sm_90 PTX): {total}/")
     path = tmp_path / "out" / "gpu.json"
     gpu_selftest.write_report(report, path)
     assert json.loads(path.read_text()) == json.loads(json.dumps(data)) and [p.name for p in path.parent.iterdir()] == [
@@ -421,5 +461,6 @@ def test_a_mismatch_fails_with_one_summary_line() -> None:
     report = fake_report(mismatch=mismatch)
     assert not report.ok and not report.to_dict()["ok"]
     line = gpu_selftest.summary_line(report)
-    assert "\n" not in line and line.startswith("GPU self-test FAILED") and "101/102" in line
+    total = len(report.cases)
+    assert "\n" not in line and line.startswith("GPU self-test FAILED") and f"{total - 1}/{total}" in line
     assert report.cases[5].name in line and "got 0.5 (0x3f000000), want 0.75 (0x3f400000)" in line

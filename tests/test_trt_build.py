@@ -18,6 +18,8 @@ from test_cli import assert_one_line_error, run
 from tod_deploy.artifacts import sidecar_path
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import ExportResult, export_model
+from tod_deploy.ops.binary_conv_ref import INPUTS, BinaryConvAttrs
+from tod_deploy.ops.binary_conv_versions import NONE_INPUT
 from tod_deploy.trt.builder import (
     DEFAULT_WORKSPACE_GIB,
     GIB,
@@ -26,7 +28,7 @@ from tod_deploy.trt.builder import (
     plan_build,
     plugins_needed,
 )
-from tod_deploy.trt.plugins import NAMESPACE_ATTR, tensorrt_view
+from tod_deploy.trt.plugins import AOT_ATTR, NAMESPACE_ATTR, tensorrt_view
 from tod_deploy.trt.profiles import DEFAULT_MAX_BATCH, InputSpec, parse_shape, resolve_profiles
 
 IMAGES = InputSpec("images", "float32", ("batch", 3, 256, 384))
@@ -127,8 +129,10 @@ def test_tensorrt_view_of_binary_conv_nodes(dfr_plugin_export: ExportResult) -> 
     assert model.SerializeToString() == original  # the export itself is untouched
     tod_nodes = [n for n in view.graph.node if n.domain == "tod"]
     assert len(tod_nodes) == 16 + 8 * 5
+    canonical = [*BinaryConvAttrs(kernel_shape=(1, 1), in_channels=1).to_onnx(), NAMESPACE_ATTR, AOT_ATTR]
     for node in tod_nodes:
         assert helper.get_attribute_value(next(a for a in node.attribute if a.name == NAMESPACE_ATTR)) == b"tod"
+        assert [a.name for a in node.attribute] == canonical and len(node.input) == len(INPUTS)  # op version 2
     before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     after = {i.name: numpy_helper.to_array(i) for i in view.graph.initializer}
     for node in tod_nodes:
@@ -136,6 +140,29 @@ def test_tensorrt_view_of_binary_conv_nodes(dfr_plugin_export: ExportResult) -> 
         assert packed.dtype == np.uint8 and words.dtype == np.int32
         assert words.shape == (*packed.shape[:-1], packed.shape[-1] // 4) and words.tobytes() == packed.tobytes()
     assert after[tod_nodes[0].input[2]].dtype == np.float32  # alpha and bias stay float
+
+
+def test_tensorrt_view_reads_a_version_1_node_as_version_2() -> None:
+    """A file written before the epilogue (four inputs, nine attributes, opset tod 1) gets the empty residual and
+    slope and activation "none" in the view TensorRT parses; the file itself is untouched."""
+    attrs = BinaryConvAttrs(kernel_shape=(3, 3), in_channels=4, pads=(1, 1, 1, 1))
+    fields = {k: v for k, v in attrs.to_onnx().items() if k != "activation"}
+    node = helper.make_node("BinaryConv2d", ["x", "w", "alpha", "bias"], ["y"], domain="tod", **fields)
+    inits = [numpy_helper.from_array(np.zeros((6, 3, 3, 8), np.uint8), "w"),
+             *(numpy_helper.from_array(np.ones(6, np.float32), name) for name in ("alpha", "bias"))]  # fmt: skip
+    model = _tiny([node])
+    model.graph.initializer.extend(inits)
+    model.opset_import.append(helper.make_opsetid("tod", 1))
+    original = model.SerializeToString()
+    view = tensorrt_view(model)
+    assert model.SerializeToString() == original
+    (upgraded,) = [n for n in view.graph.node if n.domain == "tod"]
+    assert list(upgraded.input) == ["x", "w", "alpha", "bias", NONE_INPUT, NONE_INPUT]
+    assert {a.name: helper.get_attribute_value(a) for a in upgraded.attribute}["activation"] == b"none"
+    assert [a.name for a in upgraded.attribute] == [*attrs.to_onnx(), NAMESPACE_ATTR, AOT_ATTR]
+    assert [o.version for o in view.opset_import if o.domain == "tod"] == [2]
+    none = next(numpy_helper.to_array(i) for i in view.graph.initializer if i.name == NONE_INPUT)
+    assert none.shape == (0,) and none.dtype == np.float32
 
 
 def _tiny(nodes: list[onnx.NodeProto], elem: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:

@@ -16,7 +16,10 @@ from tod_deploy.errors import UserError
 from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights
 from tod_deploy.trt import kernels
 from tod_deploy.trt.plugins import (
+    INPUT_NAMES,
     attrs_from_fields,
+    check_slope,
+    has_residual,
     kernel_args,
     launch,
     output_dtype,
@@ -74,7 +77,7 @@ def fields(k: int, s: int, pads: tuple[int, ...], d: int, g: int) -> dict[str, o
     return {
         "kernel_shape": f"{k},{k}", "strides": f"{s},{s}", "pads": ",".join(map(str, pads)),
         "dilations": f"{d},{d}", "group": g, "in_channels": X_SHAPE[1], "threshold": 0.25, "zero_sign": -1,
-        "pad_value": -1,
+        "pad_value": -1, "activation": "relu",
     }  # fmt: skip
 
 
@@ -102,15 +105,16 @@ def test_output_shape_matches_the_reference(k: int, s: int, pads: tuple[int, ...
 @pytest.mark.parametrize(("k", "s", "pads", "d", "g"), COMBOS)
 def test_kernel_args_and_launch(k: int, s: int, pads: tuple[int, ...], d: int, g: int) -> None:
     attrs = attrs_from_fields(fields(k, s, pads, d, g))
-    args = kernel_args(X_SHAPE, COUT, attrs, kernels.ceil_div)
-    assert args == kernels.kernel_int_args(X_SHAPE, COUT, attrs, kernels.ceil_div)
+    args = kernel_args(X_SHAPE, COUT, attrs, kernels.ceil_div, has_residual=True)
+    assert args == kernels.kernel_int_args(X_SHAPE, COUT, attrs, kernels.ceil_div, has_residual=True)
     named = dict(zip(kernels.KERNEL_INT_ARGS, args, strict=True))
     out_h, out_w = attrs.output_size(*X_SHAPE[2:])
     assert (named["n"], named["c"], named["h"], named["w"]) == X_SHAPE
     assert (named["out_channels"], named["out_h"], named["out_w"]) == (COUT, out_h, out_w)
     assert (named["pad_top"], named["pad_left"], named["group"]) == (pads[0], pads[1], g)
     assert named["threshold_bits"] == kernels.float_bits(0.25) and all(isinstance(a, int) for a in args)
-    symbolic = kernel_args([Sym(2), 4, Sym(9), Sym(10)], COUT, attrs, sym_cdiv)
+    assert (named["activation"], named["has_residual"]) == (1, 1)  # relu (binary_conv2d_core.h: kActRelu)
+    symbolic = kernel_args([Sym(2), 4, Sym(9), Sym(10)], COUT, attrs, sym_cdiv, has_residual=True)
     assert [_v(a) for a in symbolic] == args
     geometry = launch(X_SHAPE, COUT, attrs, kernels.ceil_div)
     assert geometry == kernels.launch_geometry(X_SHAPE, COUT, attrs, kernels.ceil_div)
@@ -121,12 +125,40 @@ def test_output_dtype_is_the_references() -> None:
     attrs = attrs_from_fields(fields(3, 1, (1, 1, 1, 1), 1, 1))
     x = np.ones((1, 4, 5, 5), np.float32)
     _, y = binary_conv2d_ref(x, np.ones((COUT, 4, 3, 3), np.float32), np.ones(COUT, np.float32), None, attrs)
-    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
-    assert output_dtype(f32, i32, f32, f32, float32=f32, packed=i32) == y.dtype
+    f32, i32, f16 = np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.float16)
+    assert INPUT_NAMES == ("x", "w_packed", "alpha", "bias", "residual", "slope")
+    assert output_dtype([f32, i32, f32, f32, f32, f32], float32=f32, packed=i32) == y.dtype
     with pytest.raises(UserError, match="input x is float16"):
-        output_dtype(np.dtype(np.float16), i32, f32, f32, float32=f32, packed=i32)
+        output_dtype([f16, i32, f32, f32, f32, f32], float32=f32, packed=i32)
     with pytest.raises(UserError, match="input w_packed is uint8"):
-        output_dtype(f32, np.dtype(np.uint8), f32, f32, float32=f32, packed=i32)
+        output_dtype([f32, np.dtype(np.uint8), f32, f32, f32, f32], float32=f32, packed=i32)
+    with pytest.raises(UserError, match="input residual is float16"):  # the empty "none" tensor too
+        output_dtype([f32, i32, f32, f32, f16, f32], float32=f32, packed=i32)
+    with pytest.raises(UserError, match="input slope is int32"):
+        output_dtype([f32, i32, f32, f32, f32, i32], float32=f32, packed=i32)
+    with pytest.raises(UserError, match="has 4 inputs; the kernel reads x, w_packed, alpha, bias, residual, slope"):
+        output_dtype([f32, i32, f32, f32], float32=f32, packed=i32)
+
+
+def test_residual_and_slope_shapes() -> None:
+    """has_residual comes from the residual's shape: Y-shaped (rank 4) or the empty [0] that means none."""
+    y = [2, COUT, 5, 5]
+    assert has_residual([0], y) is False and has_residual([None], [None] * 4) is False
+    assert has_residual(y, y) is True and has_residual([None, COUT, 5, None], [2, None, 5, 5]) is True
+    for bad in ([3], [2, COUT + 1, 5, 5], [2, COUT, 5, 4], [COUT, 5, 5]):
+        with pytest.raises(UserError, match=r"input residual has shape .* must be Y's \[2, 6, 5, 5\] or the empty"):
+            has_residual(bad, y)
+    with pytest.raises(UserError, match=r"must be Y's \[\?, 6, 5, 5\]"):
+        has_residual([2, COUT, 4, 5], [None, COUT, 5, 5])
+    prelu = attrs_from_fields({**fields(3, 1, (1, 1, 1, 1), 1, 1), "activation": "prelu"})
+    relu = attrs_from_fields(fields(3, 1, (1, 1, 1, 1), 1, 1))
+    check_slope([COUT], COUT, prelu)
+    check_slope([None], None, prelu)  # unknown in the dtype pass: checked again with shapes
+    check_slope([0], COUT, relu)
+    with pytest.raises(UserError, match=r"input slope has shape \[0\]; with activation 'prelu' it must be \[6\]"):
+        check_slope([0], COUT, prelu)
+    with pytest.raises(UserError, match=r"with activation 'relu' it must be \[0\]"):
+        check_slope([COUT], COUT, relu)
 
 
 def test_attributes_arrive_as_strings_or_bytes() -> None:
@@ -187,7 +219,12 @@ def test_cuda_without_a_gpu_is_one_clear_error() -> None:
         pytest.skip("a CUDA device is present")
 
 
-def test_plugin_on_a_gpu_matches_the_reference(tmp_path: Any) -> None:
+# (op version, activation, residual): a version-1 node (4 inputs, upgraded by tensorrt_view), and version 2.
+GPU_NODES = [(1, "none", False), (2, "prelu", True), (2, "relu", False)]
+
+
+@pytest.mark.parametrize(("version", "activation", "residual"), GPU_NODES, ids=["v1", "v2-prelu-residual", "v2-relu"])
+def test_plugin_on_a_gpu_matches_the_reference(tmp_path: Any, version: int, activation: str, residual: bool) -> None:
     """One tod::BinaryConv2d node through TensorRT's ONNX parser, the AOT kernel and the runner."""
     pytest.importorskip("tensorrt")
     from tod_deploy.trt.runtime import require_cuda
@@ -196,29 +233,44 @@ def test_plugin_on_a_gpu_matches_the_reference(tmp_path: Any) -> None:
         require_cuda()
     except UserError as exc:
         pytest.skip(f"no usable GPU: {exc.problem}")
+    import dataclasses
+
     import onnx
     from onnx import helper, numpy_helper
 
     from tod_deploy.trt.builder import build_serialized, plan_build
     from tod_deploy.trt.runner import TensorRTRunner
 
-    attrs = attrs_from_fields(fields(3, 2, (0, 1, 1, 0), 2, 2))
+    attrs = dataclasses.replace(attrs_from_fields(fields(3, 2, (0, 1, 1, 0), 2, 2)), activation=activation)
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((COUT, 2, 3, 3)).astype(np.float32)
     alpha, bias = rng.random(COUT).astype(np.float32), rng.standard_normal(COUT).astype(np.float32)
-    node = helper.make_node("BinaryConv2d", ["images", "w", "alpha", "bias"], ["y"], domain="tod", **attrs.to_onnx())
+    y_shape = (X_SHAPE[0], COUT, *attrs.output_size(*X_SHAPE[2:]))
+    shortcut = rng.standard_normal(y_shape).astype(np.float32) if residual else None
+    slope = rng.uniform(-1, 1, COUT).astype(np.float32) if activation == "prelu" else None
+    none = np.zeros((0,), np.float32)
+    inits = [numpy_helper.from_array(pack_weights(weight, attrs.zero_sign), "w"),
+             numpy_helper.from_array(alpha, "alpha"), numpy_helper.from_array(bias, "bias")]  # fmt: skip
+    node_attrs = attrs.to_onnx()
+    inputs = ["images", "w", "alpha", "bias"]
+    if version == 1:
+        del node_attrs["activation"]
+    else:
+        inputs += ["residual", "slope"]
+        inits += [numpy_helper.from_array(none if a is None else a, name)
+                  for a, name in ((shortcut, "residual"), (slope, "slope"))]  # fmt: skip
+    node = helper.make_node("BinaryConv2d", inputs, ["y"], domain="tod", **node_attrs)
     graph = helper.make_graph(
         [node], "one_binary_conv",
         [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, list(X_SHAPE))],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(pack_weights(weight, attrs.zero_sign), "w"),
-         numpy_helper.from_array(alpha, "alpha"), numpy_helper.from_array(bias, "bias")],
+        inits,
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("tod", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("tod", version)])
     model.ir_version = 10
     path = tmp_path / "one.onnx"
     onnx.save(model, str(path))
     runner = TensorRTRunner(build_serialized(plan_build(path), log=lambda _line: None))
     x = rng.standard_normal(X_SHAPE).astype(np.float32)
-    _, expected = binary_conv2d_ref(x, weight, alpha, bias, attrs)
+    _, expected = binary_conv2d_ref(x, weight, alpha, bias, attrs, residual=shortcut, slope=slope)
     np.testing.assert_allclose(runner.run(x)["y"], expected, rtol=1e-6, atol=1e-6)

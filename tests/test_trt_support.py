@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tod_deploy.errors import UserError
 from tod_deploy.export.pipeline import ExportResult, export_model
+from tod_deploy.ops.binary_conv_ref import VERSION, BinaryConvAttrs, pack_weights
 from tod_deploy.trt.support import TABLE_FILE, check_model, load_table
 
 RPN = {"rpn_nms_pre": 300, "rpn_max_per_img": 200}
@@ -76,6 +77,7 @@ def test_table_names_its_source_and_our_plugin() -> None:
     assert not ops["ConvInteger"]["supported"]
     plugin = table["plugins"]["tod::BinaryConv2d"]
     assert (plugin["domain"], plugin["op_type"], plugin["available"]) == ("tod", "BinaryConv2d", True)
+    assert plugin["versions"] == [1, 2] and plugin["versions"][-1] == VERSION  # the op's versions, newest last
     # Package data: pyproject ships it with the wheel.
     assert TABLE_FILE.name in (Path(__file__).parents[1] / "pyproject.toml").read_text()
 
@@ -166,9 +168,38 @@ def test_unknown_tod_op_needs_the_decompose_export(tmp_path: Path) -> None:
 
 def test_tod_op_of_another_version(tmp_path: Path) -> None:
     node = helper.make_node("BinaryConv2d", ["x"], ["y"], name="bc", domain="tod")
-    path = save(tmp_path, [node], [f32("x", [1, 4])], [f32("y", [1, 4])], extra=[helper.make_opsetid("tod", 2)])
+    path = save(tmp_path, [node], [f32("x", [1, 4])], [f32("y", [1, 4])], extra=[helper.make_opsetid("tod", 3)])
     (row,) = check_model(path).rows
-    assert row.status == "missing-plugin" and "version 2" in row.reason
+    assert row.status == "missing-plugin" and "version 3; our plugin builds versions 1, 2" in row.reason
+
+
+def binary_conv_node_model(tmp_path: Path, version: int) -> Path:
+    """One tod::BinaryConv2d as its op version writes it: v1 four inputs and nine attributes; v2 six inputs
+    (the empty float32 initializer for an absent residual and slope) and ten."""
+    attrs = BinaryConvAttrs(kernel_shape=(3, 3), in_channels=4, pads=(1, 1, 1, 1))
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(pack_weights(rng.standard_normal((6, 4, 3, 3)), attrs.zero_sign), "w"),
+             numpy_helper.from_array(np.ones(6, np.float32), "alpha"),
+             numpy_helper.from_array(np.zeros(6, np.float32), "bias")]  # fmt: skip
+    fields, inputs = attrs.to_onnx(), ["x", "w", "alpha", "bias"]
+    if version == 1:
+        del fields["activation"]
+    else:
+        inits.append(numpy_helper.from_array(np.zeros((0,), np.float32), "none"))
+        inputs += ["none", "none"]
+    node = helper.make_node("BinaryConv2d", inputs, ["y"], name="bc", domain="tod", **fields)
+    return save(tmp_path, [node], [f32("x", [1, 4, 8, 8])], [f32("y", [1, 6, 8, 8])], inits=inits,
+                extra=[helper.make_opsetid("tod", version)])  # fmt: skip
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_both_op_versions_would_build(tmp_path: Path, version: int) -> None:
+    """Version 2 (six inputs, empty initializers for none) and version 1 (upgraded by build-engine) both build."""
+    report = check_model(binary_conv_node_model(tmp_path, version))
+    (row,) = report.rows
+    assert report.ok and row.status == "plugin" and row.plugin == "tod::BinaryConv2d"
+    assert row.detail == ("op version 1, built as version 2" if version == 1 else "")
+    assert [(p.plugin, p.nodes, p.available) for p in report.plugins] == [("tod::BinaryConv2d", 1, True)]
 
 
 def topk_model(tmp_path: Path, k: int, n: int = 27300) -> Path:

@@ -143,7 +143,10 @@ def export_cmd(
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default from the recipe).")] = None,
     binary_conv: Annotated[
         str | None,
-        typer.Option(help="1-bit layers as tod::BinaryConv2d nodes ('plugin') or standard ops ('decompose')."),
+        typer.Option(
+            help="1-bit layers as tod::BinaryConv2d nodes with the residual Add and PReLU/ReLU after them fused "
+            "in ('plugin', default), the same without that fusion ('plugin-unfused'), or standard ops ('decompose')."
+        ),
     ] = None,
     raw: Annotated[bool, typer.Option(help="Keep the head outputs instead of the detection contract.")] = False,
     top_k: Annotated[int | None, typer.Option(help="Detections per image, K (default from the recipe).")] = None,

@@ -17,6 +17,8 @@ import yaml
 
 from tod_deploy.errors import UserError
 
+BINARY_CONV_MODES = ("plugin", "plugin-unfused", "decompose")  # see tod_deploy.ops.binary_conv_onnx
+
 
 @dataclass
 class Recipe:
@@ -29,7 +31,9 @@ class Recipe:
     score_threshold: float = 0.0
     opset: int = 18
     batch: str = "1"  # "1".."N" fixed, or "dynamic"
-    binary_conv: str = "plugin"  # 1-bit layers as tod::BinaryConv2d nodes, or "decompose" (standard ops)
+    # 1-bit layers as tod::BinaryConv2d nodes with the Add/PRelu behind them fused ("plugin"), without that
+    # fusion ("plugin-unfused"), or as standard ops ("decompose")
+    binary_conv: str = "plugin"
     model: dict[str, Any] = field(default_factory=dict)
     # Class names by label index, where known (from the checkpoint's metadata or --classes).
     classes: list[str] = field(default_factory=list)
@@ -70,8 +74,10 @@ class Recipe:
             raise UserError(f"top_k must be positive, got {self.top_k}", "set top_k to e.g. 100 in the recipe")
         if self.opset < 17:
             raise UserError(f"opset {self.opset} is too old", "use --opset 17 or newer (GridSample, LayerNorm)")
-        if self.binary_conv not in ("plugin", "decompose"):
-            raise UserError(f"unknown binary-conv mode {self.binary_conv!r}", "use --binary-conv plugin or decompose")
+        if self.binary_conv not in BINARY_CONV_MODES:
+            raise UserError(
+                f"unknown binary-conv mode {self.binary_conv!r}", f"use --binary-conv {' or '.join(BINARY_CONV_MODES)}"
+            )
         if self.batch != "dynamic" and not (self.batch.isdigit() and int(self.batch) > 0):
             raise UserError(f"batch must be a positive integer or 'dynamic', got {self.batch!r}", "use --batch 1")
         count = self.model.get("num_classes")

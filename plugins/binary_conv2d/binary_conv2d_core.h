@@ -104,6 +104,30 @@ TOD_HD float epilogue(int32_t s, float alpha, float bias) {
 #endif
 }
 
+// The fused epilogue (op version 2, step 6 of the reference): y (= epilogue() above) plus the
+// residual, then the activation, each one float rounding. NaN passes through both activations.
+enum Activation { kActNone = 0, kActRelu = 1, kActPrelu = 2 };
+
+TOD_HD float add_residual(float y, float residual) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(y, residual);
+#else
+  return y + residual;
+#endif
+}
+
+// Branch-free: the product is formed before the select, so a loop over a row becomes compare +
+// blend (the sign of y is data, a branch on it mispredicts half the time); activation is the same
+// for the whole loop, so compilers hoist it out.
+TOD_HD float activate(float y, int activation, float slope) {
+#if defined(__CUDA_ARCH__)
+  const float scaled = activation == kActPrelu ? __fmul_rn(slope, y) : 0.0f;
+#else
+  const float scaled = activation == kActPrelu ? slope * y : 0.0f;
+#endif
+  return activation != kActNone && y < 0.0f ? scaled : y;
+}
+
 // Shape of one call. Plain integers so that it can be copied to a device as is.
 struct Geometry {
   int64_t n, c, h, w;        // input

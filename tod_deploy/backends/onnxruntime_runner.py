@@ -1,8 +1,9 @@
 """onnxruntime (CPU): reading ONNX files, the one session factory, and the runner.
 
 Every onnxruntime session of tod-deploy comes from :func:`new_session`: it registers the ``tod``
-custom op (onnxruntime-extensions) when the model has ``tod::BinaryConv2d`` nodes, raises the op's
-failures as user errors, and turns a model onnxruntime refuses into one clear line.
+custom op (onnxruntime-extensions) when the model has ``tod::BinaryConv2d`` nodes (reading version-1
+nodes as version 2), raises the op's failures as user errors, and turns a model onnxruntime refuses
+into one clear line.
 """
 
 from __future__ import annotations
@@ -43,11 +44,15 @@ def new_session(
     (default: every core), ``optimize=False`` runs the graph as written (calibration reads its tensors)."""
     import onnxruntime as ort
 
+    from tod_deploy.ops.binary_conv_versions import needs_upgrade, upgrade_to_v2
     from tod_deploy.ops.ort_binary_conv import BinaryConvSession, session_options, uses_binary_conv
 
     ort.set_default_logger_severity(3)
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     binary = uses_binary_conv(proto)
+    if binary and needs_upgrade(proto):
+        whole = proto if isinstance(model, onnx.ModelProto) else onnx.load(str(model))  # with external data
+        model = proto = upgrade_to_v2(whole)
     # tod nodes run in onnxruntime-extensions' custom-op hook, which needs its library registered.
     options = session_options(allow_spinning=allow_spinning) if binary else ort.SessionOptions()
     level = ort.GraphOptimizationLevel

@@ -19,7 +19,7 @@ from tod_deploy.nn.binary import BinaryConv2d
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 from tod_deploy.ops.binary_conv_onnx import finalize, prepare_for_export, translation_table
 from tod_deploy.parity.decisions import name_decision_nodes
-from tod_deploy.parity.forcing import decision_modules
+from tod_deploy.parity.forcing import named_modules_at_export
 from tod_deploy.recipes import Recipe
 
 INPUT_NAME = "images"
@@ -73,5 +73,5 @@ def export_to_onnx(model: DeployModel, recipe: Recipe) -> onnx.ModelProto:
         for lg, level in zip(noisy, levels, strict=True):
             lg.setLevel(level)
     proto = program.model_proto
-    name_decision_nodes(proto, set(decision_modules(model)))
+    name_decision_nodes(proto, named_modules_at_export(model))
     return finalize(proto, recipe.binary_conv) if binary else proto

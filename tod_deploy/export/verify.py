@@ -75,7 +75,8 @@ def verify_onnx(
     """onnxruntime (CPU) against PyTorch, teacher-forced at every decision, on the same seeded inputs."""
     raw = list(deploy.parity_names)
     sites = decision_sites(model) if decision_modules(deploy) else []
-    site_tensors = [t for site in sites for t in (site.input, site.output)] + selection_names(deploy)
+    site_tensors = [t for site in sites for t in (site.input, site.output, site.residual) if t]
+    site_tensors += selection_names(deploy)
     candidate = OnnxRuntimeRunner(expose_tensors(model, list(dict.fromkeys([*raw, *site_tensors]))), threads)
     names = [*CONTRACT_OUTPUTS, *raw] if has_contract(model) else raw
     reference = TeacherForcedRunner(deploy, names, sites, threads)

@@ -107,3 +107,22 @@ def edge_case_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x[0, 2, 1, :5] = np.nan
     x[1, :, 0, :3] = np.float32(EDGE_CASE.threshold)
     return x, w, alpha, np.zeros(EDGE_CASE.cout, dtype=np.float32)
+
+
+ACTIVATION_CASES = ("none", "relu", "prelu")
+
+
+def epilogue_inputs(y: np.ndarray, activation: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """A residual for step 5's output ``y`` and, for prelu, slopes (some negative, one zero).
+
+    Every seventh residual is ``-y``, so the sum is exactly 0 there (the activations' boundary), and
+    the rest straddle 0, so both branches of each activation run.
+    """
+    rng = np.random.default_rng(seed)
+    residual = rng.standard_normal(y.shape).astype(np.float32)
+    residual.flat[::7] = -y.flat[::7]
+    if activation != "prelu":
+        return residual, None
+    slope = rng.uniform(-0.5, 1.0, size=y.shape[1]).astype(np.float32)
+    slope[0] = 0.0
+    return residual, slope

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from tod_deploy.errors import UserError
-from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs
+from tod_deploy.ops.binary_conv_ref import ACTIVATIONS, BinaryConvAttrs
 
 try:
     from tod_deploy.ops import _binary_conv_cpu as _ext
@@ -93,6 +93,8 @@ def binary_conv2d(
     attrs: BinaryConvAttrs,
     *,
     threshold: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+    slope: np.ndarray | None = None,
     isa: str | None = None,
     threads: int | None = None,
     return_sums: bool = False,
@@ -101,6 +103,8 @@ def binary_conv2d(
     """Run the op; returns Y float32 ``[N, Cout, Ho, Wo]`` (and S int32 with ``return_sums``).
 
     ``threshold`` is an optional per-input-channel threshold overriding ``attrs.threshold``.
+    ``residual`` (Y's shape) and ``slope`` (``Cout`` values, for ``attrs.activation == "prelu"``) are the
+    fused epilogue's inputs; an empty array means none, as in the ONNX form.
     ``out``: write Y into this C-contiguous float32 array (the onnxruntime hook reuses one per shape:
     a fresh 10 MB array costs its page faults on every call).
     """
@@ -126,13 +130,45 @@ def binary_conv2d(
         thr = np.ascontiguousarray(np.broadcast_to(np.asarray(threshold, dtype=np.float32).reshape(-1), thr.shape))
     n, c, h, w = x.shape
     ho, wo = attrs.output_size(h, w)
+    residual, slope = _epilogue_inputs(attrs, (n, cout, ho, wo), residual, slope)
     if out is None:
         out = np.empty((n, cout, ho, wo), dtype=np.float32)
     elif out.shape != (n, cout, ho, wo) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise UserError(f"BinaryConv2d out= must be float32 C-contiguous {(n, cout, ho, wo)}", "pass such an array")
+    elif residual is not None and np.shares_memory(out, residual):
+        raise UserError("BinaryConv2d out= overlaps the residual", "pass a separate output array")
     sums = np.empty((n, cout, ho, wo), dtype=np.int32) if return_sums else None
     (kh, kw), (sh, sw), (dh, dw) = attrs.kernel_shape, attrs.strides, attrs.dilations
     geometry = (n, c, h, w, cout, kh, kw, sh, sw, dh, dw, *attrs.pads, attrs.group, attrs.zero_sign, attrs.pad_value)
     path = _check_isa(isa) if isa is not None else current_isa()
-    ext.conv2d(x, w_packed, alpha, bias, thr, out, sums, geometry, path, int(threads or default_threads()))
+    ext.conv2d(
+        x, w_packed, alpha, bias, thr, out, sums, geometry, path, int(threads or default_threads()),
+        residual, slope, ACTIVATIONS.index(attrs.activation),
+    )  # fmt: skip
     return (out, sums) if return_sums else out
+
+
+def _epilogue_inputs(
+    attrs: BinaryConvAttrs, out_shape: tuple[int, ...], residual: np.ndarray | None, slope: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The residual and slope as the kernel reads them (None when absent), or a UserError naming the mismatch."""
+    if residual is not None and np.size(residual) == 0:
+        residual = None
+    if residual is not None:
+        residual = np.ascontiguousarray(residual, dtype=np.float32)
+        if residual.shape != out_shape:
+            raise UserError(
+                f"BinaryConv2d residual shape {residual.shape} is not the output's {out_shape}",
+                "give a residual of the output's shape, or an empty one for none",
+            )
+    cout = out_shape[1]
+    given = 0 if slope is None else int(np.size(slope))
+    if attrs.activation == "prelu":
+        if given != cout:
+            raise UserError(f"BinaryConv2d prelu needs {cout} slopes, got {given}", "give one per output channel")
+        return residual, np.ascontiguousarray(slope, dtype=np.float32).reshape(-1)
+    if given:
+        raise UserError(
+            f"BinaryConv2d got {given} slopes with activation={attrs.activation!r}", "give slopes only for prelu"
+        )
+    return residual, None

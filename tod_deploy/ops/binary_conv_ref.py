@@ -1,4 +1,4 @@
-"""``tod::BinaryConv2d`` (domain ``tod``, version 1): the definition every implementation is tested against.
+"""``tod::BinaryConv2d`` (domain ``tod``, version 2): the definition every implementation is tested against.
 
 Semantics
 ---------
@@ -18,6 +18,16 @@ For input ``X`` float ``[N, C, H, W]`` and latent weights ``W`` ``[Cout, C/group
        S[n, o, y, x] = sum over (c, ky, kx) in o's group of xb[n, c, y*sh + ky*dh, x*sw + kx*dw] * wb[o, c, ky, kx]
 
 5. ``Y = alpha[o] * float32(S) + bias[o]`` in float32, rounded twice (no fused multiply-add).
+6. Fused epilogue (version 2), each step one float32 rounding, in this order::
+
+       Y = Y + residual[n, o, y, x]          if a residual is given (same shape as Y)
+       Y = Y < 0 ? 0 : Y                      activation "relu"
+       Y = Y < 0 ? slope[o] * Y : Y           activation "prelu" (per output channel)
+
+   NaN passes through both activations. This is what the unfused graph computes with an ONNX
+   ``Add`` and ``Relu``/``PRelu`` after the node, so fusing them (``fuse_epilogues``) changes no bit:
+   a Bi-Real block's ``prelu(alpha * S + bias + shortcut)`` is then one pass over the output map
+   instead of three (what OpenVINO's BinaryConvolution and LCE fuse too).
 
 ``zero_sign`` is what sign(0) is: ``torch.sign`` (used by ReActNet, BiDet, IDa-Det code) gives 0,
 the DFR-Det paper defines -1; +1 is also allowed.
@@ -38,12 +48,17 @@ bit-plane: a trained latent weight is practically never exactly 0, and the simpl
 one every kernel shares. Zero *activations* are fully supported (they are common: 0-padding,
 ReLU outputs); kernels carry a nonzero bit-plane for them.
 
-ONNX attributes
----------------
+ONNX form
+---------
 onnxruntime-extensions' Python custom-op hook (how onnxruntime runs the op) reads only scalar int,
 float and string attributes, and has no optional inputs. So list attributes are strings of
-comma-separated ints (``kernel_shape="3,3"``, ``pads="1,1,1,1"``), all nine attributes are always
-written, and ``bias`` is always an input (zeros when the layer has none).
+comma-separated ints (``kernel_shape="3,3"``, ``pads="1,1,1,1"``), all ten attributes are always
+written, and the six inputs are always there: ``X, W_packed, alpha, bias, residual, slope``.
+``bias`` is zeros when the layer has none; an absent ``residual`` or ``slope`` is an empty
+float32 tensor (shape ``[0]``); ``slope`` has ``Cout`` values exactly when ``activation="prelu"``.
+
+Version 1 (files written before the epilogue) has four inputs and nine attributes; it means
+version 2 with no residual and ``activation="none"``; ``binary_conv_versions.upgrade_to_v2`` rewrites it so.
 """
 
 from __future__ import annotations
@@ -58,9 +73,11 @@ from tod_deploy.errors import UserError
 
 OP_TYPE = "BinaryConv2d"
 DOMAIN = "tod"
-VERSION = 1
+VERSION = 2
 WORD_BITS = 64
 LIST_ATTRS = ("kernel_shape", "strides", "pads", "dilations")
+ACTIVATIONS = ("none", "relu", "prelu")
+INPUTS = ("X", "W_packed", "alpha", "bias", "residual", "slope")
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,7 @@ class BinaryConvAttrs:
     threshold: float = 0.0
     zero_sign: int = -1
     pad_value: int = 0
+    activation: str = "none"
 
     def __post_init__(self) -> None:
         def ints(name: str, count: int, low: int) -> None:
@@ -99,6 +117,10 @@ class BinaryConvAttrs:
             )
         if not math.isfinite(self.threshold):
             raise UserError(f"BinaryConv2d threshold={self.threshold} is not finite", "use a finite threshold")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(
+                f"BinaryConv2d activation={self.activation!r} is unsupported", f"use one of {', '.join(ACTIVATIONS)}"
+            )
         object.__setattr__(self, "zero_sign", int(self.zero_sign))
         object.__setattr__(self, "pad_value", int(self.pad_value))
         object.__setattr__(self, "threshold", float(self.threshold))
@@ -133,12 +155,13 @@ class BinaryConvAttrs:
             threshold=self.threshold,
             zero_sign=self.zero_sign,
             pad_value=self.pad_value,
+            activation=self.activation,
         )
         return encoded
 
     @classmethod
     def from_onnx(cls, attrs: Mapping[str, object]) -> BinaryConvAttrs:
-        """Parse node attributes; list attributes may be strings ("3,3") or sequences."""
+        """Parse node attributes; list attributes may be strings ("3,3") or sequences; no ``activation`` is "none"."""
         missing = [name for name in (*LIST_ATTRS, "in_channels") if name not in attrs]
         if missing:
             raise UserError(f"tod::BinaryConv2d node lacks attributes {missing}", "re-export it with tod-deploy")
@@ -160,7 +183,12 @@ class BinaryConvAttrs:
             threshold=float(attrs.get("threshold", 0.0)),  # type: ignore[arg-type]
             zero_sign=int(attrs.get("zero_sign", -1)),  # type: ignore[call-overload]
             pad_value=int(attrs.get("pad_value", 0)),  # type: ignore[call-overload]
+            activation=_text(attrs.get("activation", "none")),
         )
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def binarize(values: np.ndarray, threshold: float | np.ndarray, zero_sign: int) -> np.ndarray:
@@ -241,6 +269,29 @@ def scale_sums(sums: np.ndarray, alpha: np.ndarray, bias: np.ndarray | None) -> 
     return out.astype(np.float32, copy=False)
 
 
+def apply_epilogue(
+    y: np.ndarray, activation: str = "none", residual: np.ndarray | None = None, slope: np.ndarray | None = None
+) -> np.ndarray:
+    """Step 6: ``y`` (step 5's output) plus the residual, then the activation, each rounded to float32.
+
+    An empty ``residual`` is none, as in the ONNX form.
+    """
+    y = np.asarray(y, dtype=np.float32)
+    if residual is not None and np.size(residual):
+        residual = np.asarray(residual, dtype=np.float32)
+        if residual.shape != y.shape:
+            raise UserError(f"BinaryConv2d residual shape {residual.shape} is not the output's {y.shape}", "fix it")
+        y = y + residual
+    if activation == "relu":
+        y = np.where(y < 0, np.float32(0), y)
+    elif activation == "prelu":
+        slope = np.asarray(slope if slope is not None else [], dtype=np.float32).reshape(-1)
+        if slope.size != y.shape[1]:
+            raise UserError(f"BinaryConv2d prelu needs {y.shape[1]} slopes, got {slope.size}", "give one per channel")
+        y = np.where(y < 0, slope.reshape(1, -1, 1, 1) * y, y)
+    return y.astype(np.float32, copy=False)
+
+
 def binary_conv2d_ref(
     x: np.ndarray,
     weight: np.ndarray,
@@ -248,7 +299,9 @@ def binary_conv2d_ref(
     bias: np.ndarray | None,
     attrs: BinaryConvAttrs,
     threshold: float | np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+    slope: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference ``tod::BinaryConv2d``: returns (S int32, Y float32). ``weight`` may be latent floats or +-1."""
     sums = binary_conv2d_sums(x, weight, attrs, threshold)
-    return sums, scale_sums(sums, alpha, bias)
+    return sums, apply_epilogue(scale_sums(sums, alpha, bias), attrs.activation, residual, slope)

@@ -31,6 +31,7 @@ def attrs_from_args(
     threshold: float,
     zero_sign: int,
     pad_value: int,
+    activation: str = "none",
 ) -> BinaryConvAttrs:
     """The op's attributes from the flat argument lists torch.library and onnxscript pass around."""
     return BinaryConvAttrs(
@@ -43,6 +44,7 @@ def attrs_from_args(
         threshold=threshold,
         zero_sign=zero_sign,
         pad_value=pad_value,
+        activation=activation,
     )
 
 
@@ -52,6 +54,8 @@ def binary_conv2d_op(
     w_packed: Tensor,
     alpha: Tensor,
     bias: Tensor,
+    residual: Tensor,
+    slope: Tensor,
     kernel_shape: list[int],
     strides: list[int],
     pads: list[int],
@@ -61,15 +65,23 @@ def binary_conv2d_op(
     threshold: float,
     zero_sign: int,
     pad_value: int,
+    activation: str,
 ) -> Tensor:
-    """``tod::BinaryConv2d`` on CPU tensors through the compiled kernel (inference only, no autograd)."""
-    attrs = attrs_from_args(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
+    """``tod::BinaryConv2d`` on CPU tensors through the compiled kernel (inference only, no autograd).
+
+    ``residual`` and ``slope`` are the fused epilogue's inputs, empty when absent (the ONNX form).
+    """
+    attrs = attrs_from_args(
+        kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value, activation
+    )
     out = binary_conv_cpu.binary_conv2d(
         x.detach().cpu().numpy(),
         w_packed.cpu().numpy(),
         alpha.detach().cpu().numpy(),
         bias.detach().cpu().numpy(),
         attrs,
+        residual=residual.detach().cpu().numpy(),
+        slope=slope.detach().cpu().numpy(),
     )
     return torch.from_numpy(out).to(x.device)
 
@@ -80,6 +92,8 @@ def _(
     w_packed: Tensor,
     alpha: Tensor,
     bias: Tensor,
+    residual: Tensor,
+    slope: Tensor,
     kernel_shape: list[int],
     strides: list[int],
     pads: list[int],
@@ -89,8 +103,11 @@ def _(
     threshold: float,
     zero_sign: int,
     pad_value: int,
+    activation: str,
 ) -> Tensor:
-    attrs = attrs_from_args(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
+    attrs = attrs_from_args(
+        kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value, activation
+    )
     ho, wo = attrs.output_size(int(x.shape[2]), int(x.shape[3]))
     return x.new_empty((x.shape[0], w_packed.shape[0], ho, wo))
 
@@ -112,6 +129,8 @@ class PackedBinaryConv2d(nn.Module):
         self.register_buffer("alpha", alpha)
         self.register_buffer("bias", bias)
         self.register_buffer("channel_threshold", channel_threshold)
+        # no residual, no slope: export fuses the epilogue afterwards, as a graph pass
+        self.register_buffer("epilogue_none", torch.zeros(0), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channel_threshold is not None:
@@ -122,6 +141,8 @@ class PackedBinaryConv2d(nn.Module):
             self.w_packed,
             self.alpha,
             self.bias,
+            self.epilogue_none,
+            self.epilogue_none,
             list(a.kernel_shape),
             list(a.strides),
             list(a.pads),
@@ -131,6 +152,7 @@ class PackedBinaryConv2d(nn.Module):
             a.threshold,
             a.zero_sign,
             a.pad_value,
+            a.activation,
         )
 
 

@@ -3,7 +3,9 @@
 onnxruntime-extensions' Python custom-op hook (``onnx_op``) accepts a domain in the op type
 (``"tod::BinaryConv2d"``), so the node runs under its own domain. Limits of that hook, which
 shape the op's ONNX form (see ``binary_conv_ref``): attributes are scalar int/float/string only
-(lists travel as "3,3" strings), every declared input is required (``bias`` is always written).
+(lists travel as "3,3" strings), every declared input is required (``bias`` is always written, an
+absent residual or slope is an empty tensor), and one signature per op type: version-1 files are
+upgraded to version 2 when a session is made (``binary_conv_versions``).
 
 Errors: an exception escaping a Python op makes onnxruntime-extensions call std::terminate
 (the process aborts). Our hook catches it, prints it, returns an empty output (so onnxruntime
@@ -57,12 +59,18 @@ def _output_buffer(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _binary_conv2d(
-    x: np.ndarray, w_packed: np.ndarray, alpha: np.ndarray, bias: np.ndarray, **attrs: Any
+    x: np.ndarray,
+    w_packed: np.ndarray,
+    alpha: np.ndarray,
+    bias: np.ndarray,
+    residual: np.ndarray,
+    slope: np.ndarray,
+    **attrs: Any,
 ) -> np.ndarray:
     parsed = _parsed(tuple(sorted(attrs.items())))
     shape = (x.shape[0], w_packed.shape[0], *parsed.output_size(*x.shape[2:])) if x.ndim == 4 else None
     out = _output_buffer(shape) if shape is not None and min(shape) > 0 else None
-    return binary_conv_cpu.binary_conv2d(x, w_packed, alpha, bias, parsed, out=out)
+    return binary_conv_cpu.binary_conv2d(x, w_packed, alpha, bias, parsed, residual=residual, slope=slope, out=out)
 
 
 def _install_array_hook() -> None:
@@ -110,10 +118,12 @@ def register() -> None:
             threshold=PyCustomOpDef.dt_float,
             zero_sign=PyCustomOpDef.dt_int64,
             pad_value=PyCustomOpDef.dt_int64,
+            activation=PyCustomOpDef.dt_string,
         )
+        floats = [PyCustomOpDef.dt_float] * 4  # alpha, bias, residual, slope
         opdef = onnx_op(
             op_type=f"{DOMAIN}::{OP_TYPE}",
-            inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_uint8, PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
+            inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_uint8, *floats],
             outputs=[PyCustomOpDef.dt_float],
             attrs=attrs,
         )(_binary_conv2d)

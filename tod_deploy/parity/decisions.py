@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import ast
 from collections import defaultdict
+from collections.abc import Container
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from tod_deploy.parity.policy import ParityPolicy
 from tod_deploy.parity.report import DecisionParity
@@ -38,6 +40,9 @@ EXPORTER_NODE_PREFIX = "node_"  # how torch.onnx names nodes
 SIGN_OPS = ("Greater", "Less")
 BINARIZE_OPS = ("Pad", "Where", "Not", "Cast", *SIGN_OPS)
 BINARY_LAYERS = "binary layers"
+NAMED_OPS = ("Sign", "PRelu")  # nodes named after their module at export
+CALL_SEPARATOR = ":"  # "<module path>:<k>" names the k-th repeated call's node
+SLOPE_SUFFIX = ".weight"  # a fused slope named "<nn.PReLU path>.weight" came from that module
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,12 @@ class DecisionSite:
     path: str  # the deciding module's path in the deploy model ('' if the file does not say)
     input: str  # ONNX tensor the decision is taken on
     output: str  # ONNX tensor after it: the Sign's output, or the binary layer's (after alpha and bias)
+    # A tod::BinaryConv2d node's fused epilogue (op version 2): its output is then the layer's output
+    # plus this residual tensor, then the activation; the reference applies it to its own output.
+    residual: str = ""
+    activation: str = "none"
+    slope: tuple[float, ...] = ()  # the file's slopes
+    slope_module: str = ""  # the nn.PReLU they came from, when the file says (the reference uses its own)
 
     @property
     def label(self) -> str:
@@ -120,10 +131,13 @@ def nms_near_tie(ious: np.ndarray, scores: np.ndarray, score: float, nms_iou: fl
 
 
 def name_decision_nodes(model: onnx.ModelProto, decision_paths: set[str]) -> None:
-    """Name each ``Sign`` node after the module that computed it (from the exporter's name scopes),
-    so a check can pair it with that module long after graph passes dropped the scopes."""
+    """Name each ``Sign`` and ``PRelu`` node after the module that computed it (from the exporter's name
+    scopes), so a check can pair it with that module long after graph passes dropped the scopes: a
+    Sign with its ``ThresholdSign``, a PRelu fused into a 1-bit layer with the ``nn.PReLU`` whose
+    slopes the reference then applies."""
+    calls: dict[str, int] = defaultdict(int)
     for node in model.graph.node:
-        if node.op_type != "Sign":
+        if node.op_type not in NAMED_OPS:
             continue
         meta = {p.key: p.value for p in node.metadata_props}
         try:
@@ -132,8 +146,14 @@ def name_decision_nodes(model: onnx.ModelProto, decision_paths: set[str]) -> Non
             continue
         paths = [str(s).removeprefix(EXPORT_PREFIX) for s in scopes if str(s).startswith(EXPORT_PREFIX)]
         named = [p for p in paths if p in decision_paths]
-        if named:
-            node.name = named[-1]
+        if named:  # a module called once per pyramid level: node names must stay unique
+            calls[named[-1]] += 1
+            node.name = named[-1] if calls[named[-1]] == 1 else f"{named[-1]}{CALL_SEPARATOR}{calls[named[-1]] - 1}"
+
+
+def module_of(node_name: str) -> str:
+    """The module path a node was named after (without the call count of a repeated call)."""
+    return node_name.partition(CALL_SEPARATOR)[0]
 
 
 def decision_sites(model: onnx.ModelProto) -> list[DecisionSite]:
@@ -143,15 +163,16 @@ def decision_sites(model: onnx.ModelProto) -> list[DecisionSite]:
     for node in model.graph.node:
         for name in node.input:
             consumers[name].append(node)
-    initializers = {init.name for init in model.graph.initializer}
+    initializers = {init.name: init for init in model.graph.initializer}
     sites = []
     for node in model.graph.node:
         if node.op_type == "Sign" and node.domain in ("", "ai.onnx"):
-            path = "" if node.name.startswith(EXPORTER_NODE_PREFIX) else node.name  # not yet named by export
+            path = "" if node.name.startswith(EXPORTER_NODE_PREFIX) else module_of(node.name)  # unnamed: older file
             sites.append(DecisionSite("threshold", path, node.input[0], node.output[0]))
         elif node.domain == "tod" and node.op_type == "BinaryConv2d":
             x = _before_channel_threshold(node.input[0], producer, initializers)
-            sites.append(DecisionSite("1-bit input", _module_path(node.input[1], ".w_packed"), x, node.output[0]))
+            path = _module_path(node.input[1], ".w_packed")
+            sites.append(DecisionSite("1-bit input", path, x, node.output[0], *_epilogue(node, initializers)))
         elif node.op_type == "Conv" and node.input[1] in producer:
             dq = producer[node.input[1]]
             if dq.op_type != "DequantizeLinear" or not dq.input[0].endswith(".weight_sign_int8"):
@@ -162,11 +183,25 @@ def decision_sites(model: onnx.ModelProto) -> list[DecisionSite]:
     return sites
 
 
+def _epilogue(
+    node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
+) -> tuple[str, str, tuple[float, ...], str]:
+    """(residual tensor or "", activation, slopes, their module) of a version-2 node; version 1 has none."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    activation = attrs.get("activation", b"none")
+    activation = activation.decode() if isinstance(activation, bytes) else str(activation)
+    residual = node.input[4] if len(node.input) > 4 and node.input[4] not in initializers else ""
+    slope = initializers.get(node.input[5]) if len(node.input) > 5 else None
+    values = tuple(float(v) for v in numpy_helper.to_array(slope).reshape(-1)) if slope is not None else ()
+    module = slope.name.removeprefix(EXPORT_PREFIX) if slope is not None else ""
+    return residual, activation, values, module.removesuffix(SLOPE_SUFFIX) if module.endswith(SLOPE_SUFFIX) else ""
+
+
 def _module_path(initializer: str, suffix: str) -> str:
     return initializer.removeprefix(EXPORT_PREFIX).removesuffix(suffix)
 
 
-def _before_channel_threshold(tensor: str, producer: dict[str, onnx.NodeProto], initializers: set[str]) -> str:
+def _before_channel_threshold(tensor: str, producer: dict[str, onnx.NodeProto], initializers: Container[str]) -> str:
     """A learned per-channel threshold stays a ``Sub`` in front of the op: the layer's input is above it."""
     node = producer.get(tensor)
     if node is not None and node.op_type == "Sub" and node.input[1] in initializers:
@@ -188,7 +223,9 @@ def _pre_sign_input(tensor: str, producer: dict[str, onnx.NodeProto]) -> str:
     raise ValueError(f"no sign found above {tensor}")
 
 
-def _scaled_output(conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]], initializers: set[str]) -> str:
+def _scaled_output(
+    conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]], initializers: Container[str]
+) -> str:
     """The conv's output after ``* alpha`` and, if present, ``+ bias`` (both constants)."""
     out = conv.output[0]
     for op in ("Mul", "Add"):

@@ -5,7 +5,9 @@ layer's input sign), two correct runtimes may decide differently, and in a 1-bit
 flipped bit changes the next layer's sums by 2 at nine positions, which flips more bits: the
 end-to-end outputs of a correct export diverge. So at each decision module (``ThresholdSign``,
 ``BinaryConv2d``) PyTorch records its own input and decision, then continues with the input the
-backend saw; every later tensor is then compared on equal terms, and the decision itself is
+backend saw; every later tensor is then compared on equal terms (a 1-bit layer whose node fused the
+residual and activation behind it gets that epilogue applied, by the NumPy reference, to its own
+output and the backend's residual), and the decision itself is
 judged by decisions.judge (a flip is excused only within tolerance of the boundary). A selection
 marker (``SelectedProposals``) is forced on its output instead: PyTorch's own proposals are
 compared with the backend's by the selection rule, then the backend's go on to the RoI head.
@@ -27,6 +29,7 @@ from tod_deploy.methods.base import DeployModel
 from tod_deploy.nn.binary import BinaryConv2d
 from tod_deploy.nn.binary_threshold import ThresholdSign
 from tod_deploy.nn.heads.rpn import SelectedProposals
+from tod_deploy.ops.binary_conv_ref import apply_epilogue
 from tod_deploy.parity.decisions import DecisionRecord, DecisionSite, SelectionRecord
 
 DECISION_MODULES = (BinaryConv2d, ThresholdSign)  # forced on their input
@@ -37,6 +40,22 @@ REEXPORT = "re-export the file with this tod-deploy"
 
 def decision_modules(model: nn.Module) -> list[str]:
     return [path for path, module in model.named_modules() if isinstance(module, DECISION_MODULES)]
+
+
+def named_modules_at_export(model: nn.Module) -> set[str]:
+    """Modules whose ONNX nodes export names after them: the decisions, and PReLUs a 1-bit layer may fuse."""
+    return set(decision_modules(model)) | {p for p, m in model.named_modules() if isinstance(m, nn.PReLU)}
+
+
+def _slopes(model: nn.Module, site: DecisionSite) -> np.ndarray:
+    """The PReLU slopes a fused site's reference applies: PyTorch's own where the file names the module."""
+    if not site.slope_module:
+        return np.asarray(site.slope, dtype=np.float32)
+    try:
+        weight = model.get_submodule(site.slope_module).weight.detach().float().reshape(-1).numpy()
+    except AttributeError as exc:
+        raise UserError(f"the fused slopes of {site.path} name no PReLU ({site.slope_module})", REEXPORT) from exc
+    return np.broadcast_to(weight, (len(site.slope),)).astype(np.float32)
 
 
 def paired_sites(model: nn.Module, sites: list[DecisionSite]) -> list[DecisionSite]:
@@ -108,7 +127,12 @@ def _forced(
 
     def post_hook(module: nn.Module, _args: object, output: torch.Tensor) -> None:
         record = pending.pop(id(module))
-        record.ref_output, record.got_output = output.numpy(), candidate[record.site.output]
+        site = record.site
+        ref = output.numpy()
+        if site.residual or site.activation != "none":  # a fused node: its epilogue on the backend's residual
+            residual = candidate[site.residual] if site.residual else None
+            ref = apply_epilogue(ref, site.activation, residual, _slopes(model, site))
+        record.ref_output, record.got_output = ref, candidate[site.output]
         sink(record)
 
     def selection_hook(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> tuple:

@@ -2,12 +2,13 @@
 
 Why: inside a TensorRT engine a wrong kernel argument or a wrong bit shows up as a wrong detection,
 far from its cause. Here the PTX the AOT plugin embeds is compiled for this GPU and launched through
-cuda-python with exactly what the plugin passes - the four input pointers, the 19 int32 of
+cuda-python with exactly what the plugin passes - the six input pointers, the 21 int32 of
 ``kernels.KERNEL_INT_ARGS``, the output pointer; grid and block from the plugin's own ``launch``;
-W_packed as the int32 words TensorRT hands over - and its output is compared bit for bit with the
-NumPy reference over the grid the tests use (``ops/binary_conv_cases.py``). Then it is timed at the
-four ResNet-18 stage shapes against cuDNN float32 (IEEE and TF32 math), cuDNN float16 and an int8
-GEMM of the same convolution.
+W_packed as the int32 words TensorRT hands over; an absent residual or slope as the empty tensor -
+and its output is compared bit for bit with the NumPy reference over the grid the tests use
+(``ops/binary_conv_cases.py``), then with the fused epilogue (residual, relu, prelu) on a few of its
+geometries. Then it is timed at the four ResNet-18 stage shapes against cuDNN float32 (IEEE and TF32
+math), cuDNN float16 and an int8 GEMM of the same convolution.
 
 Every decision (the configurations and their inputs, the parameter array, the comparison, the ratios,
 the report) is a pure function tested on the CPU; torch and the driver calls are the last layer.
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,11 @@ from tod_deploy.ops.binary_conv_cases import (
     Geometry,
     case_id,
     edge_case_inputs,
+    epilogue_inputs,
     make_inputs,
     sign_pairs,
 )
-from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binary_conv2d_ref, pack_weights, scale_sums
+from tod_deploy.ops.binary_conv_ref import ACTIVATIONS, BinaryConvAttrs, binary_conv2d_ref, pack_weights, scale_sums
 from tod_deploy.trt import kernels, plugins
 from tod_deploy.trt.cuda_driver import CudaError, GpuDevice, GpuProbe, PtxModule
 
@@ -68,6 +71,7 @@ WARMUP, REPS, LAUNCHES_PER_REP = 3, 15, 10
 # it, so the events time the GPU running them back to back, not Python's launch rate.
 QUEUE_AHEAD_CYCLES = 5_000_000
 PTX_TOO_NEW = "CUDA_ERROR_UNSUPPORTED_PTX_VERSION"
+NONE = np.zeros((0,), dtype=np.float32)  # an absent residual or slope, as the plugin gets it (op version 2)
 
 
 def require_gpu(probe: GpuProbe) -> GpuDevice:
@@ -82,26 +86,49 @@ def require_gpu(probe: GpuProbe) -> GpuDevice:
 
 @dataclass(frozen=True)
 class KernelCase:
-    """One launch of the grid: a geometry, its sign conventions, and whether it takes the NaN/tie inputs."""
+    """One launch of the grid: a geometry, its sign conventions, whether it takes the NaN/tie inputs, and its
+    fused epilogue (op version 2: the activation, and whether a residual is added)."""
 
     geometry: Geometry
     zero_sign: int
     pad_value: int
     edge: bool = False
+    activation: str = "none"
+    residual: bool = False
+
+    @property
+    def epilogue(self) -> str:
+        parts = [self.activation] if self.activation != "none" else []
+        return "+".join([*parts, "residual"] if self.residual else parts)
 
     @property
     def group(self) -> str:
-        return case_id(self.geometry) + (" nan+ties, zero bias" if self.edge else "")
+        group = case_id(self.geometry) + (" nan+ties, zero bias" if self.edge else "")
+        return f"{group} {self.epilogue}" if self.epilogue else group
 
     @property
     def name(self) -> str:
         return f"{self.group} zero_sign={self.zero_sign:+d} pad_value={self.pad_value:+d}"
 
+    def attrs(self) -> BinaryConvAttrs:
+        return dataclasses.replace(self.geometry.attrs(self.zero_sign, self.pad_value), activation=self.activation)
+
+
+# The fused epilogue's launches: two grid geometries (odd channels, stride 2; two channel tiles per group),
+# every activation with a residual, and relu / prelu without one; inputs from binary_conv_cases.epilogue_inputs.
+# A GPU's float add returns the canonical NaN, not an operand's payload: no NaN residuals here.
+EPILOGUE_GEOMETRIES = (CUDA_CASES[1], CUDA_CASES[-2])
+EPILOGUES = (*((activation, True) for activation in ACTIVATIONS), ("relu", False), ("prelu", False))
+
 
 def kernel_cases() -> list[KernelCase]:
-    """The host emulation's grid: every CUDA geometry with every (zero_sign, pad_value), then the edge case."""
+    """The host emulation's grid: every CUDA geometry with every (zero_sign, pad_value), then the edge case,
+    then the epilogue cases (one sign pair each)."""
     grid = [KernelCase(geo, zero_sign, pad_value) for geo in CUDA_CASES for zero_sign, pad_value in sign_pairs()]
-    return grid + [KernelCase(EDGE_CASE, zero_sign, 0, edge=True) for zero_sign in SIGNS]
+    edge = [KernelCase(EDGE_CASE, zero_sign, 0, edge=True) for zero_sign in SIGNS]
+    epilogue = [KernelCase(geo, -1, 0, activation=activation, residual=residual)
+                for geo in EPILOGUE_GEOMETRIES for activation, residual in EPILOGUES]  # fmt: skip
+    return grid + edge + epilogue
 
 
 @dataclass(frozen=True)
@@ -115,6 +142,12 @@ class CaseData:
     attrs: BinaryConvAttrs
     expected: np.ndarray | None
     expected_from: str  # where ``expected`` comes from, or why there is none
+    residual: np.ndarray = field(default_factory=lambda: NONE.copy())  # NONE: no residual
+    slope: np.ndarray = field(default_factory=lambda: NONE.copy())  # Cout values for prelu, else NONE
+
+    @property
+    def has_residual(self) -> bool:
+        return self.residual.size > 0
 
     @property
     def out_channels(self) -> int:
@@ -132,9 +165,15 @@ def tensorrt_words(packed: np.ndarray) -> np.ndarray:
 
 def case_data(case: KernelCase) -> CaseData:
     x, w, alpha, bias = edge_case_inputs() if case.edge else make_inputs(case.geometry)
-    attrs = case.geometry.attrs(case.zero_sign, case.pad_value)
-    _, expected = binary_conv2d_ref(x, w, alpha, bias, attrs)
-    return CaseData(x, tensorrt_words(pack_weights(w, case.zero_sign)), alpha, bias, attrs, expected, REFERENCE)
+    attrs = case.attrs()
+    residual = slope = None
+    if case.epilogue:  # the residual and slope the tests use, for Y before the epilogue
+        _, y = binary_conv2d_ref(x, w, alpha, bias, dataclasses.replace(attrs, activation="none"))
+        residual, slope = epilogue_inputs(y, case.activation)
+        residual = residual if case.residual else None
+    _, expected = binary_conv2d_ref(x, w, alpha, bias, attrs, residual=residual, slope=slope)
+    return CaseData(x, tensorrt_words(pack_weights(w, case.zero_sign)), alpha, bias, attrs, expected, REFERENCE,
+                    *(NONE.copy() if a is None else a for a in (residual, slope)))  # fmt: skip
 
 
 def cpu_kernel_expected(
@@ -169,12 +208,12 @@ class KernelCall:
     int_args: tuple[int, ...]
 
 
-def plan_call(x_shape: Sequence[int], out_channels: int, attrs: BinaryConvAttrs) -> KernelCall:
+def plan_call(x_shape: Sequence[int], out_channels: int, attrs: BinaryConvAttrs, *, has_residual: bool) -> KernelCall:
     """The plugin's own ``launch`` and ``kernel_args`` (what ``aot_impl`` returns to TensorRT), on ints."""
     shape = tuple(int(d) for d in x_shape)
     return KernelCall(
         plugins.launch(shape, out_channels, attrs, kernels.ceil_div),
-        tuple(plugins.kernel_args(shape, out_channels, attrs, kernels.ceil_div)),
+        tuple(plugins.kernel_args(shape, out_channels, attrs, kernels.ceil_div, has_residual=has_residual)),
     )
 
 
@@ -477,10 +516,10 @@ class KernelRunner:
         self.device = device
 
     def upload(self, data: CaseData) -> DeviceCase:
-        arrays = (data.x, data.w_words, data.alpha, data.bias)
+        arrays = (data.x, data.w_words, data.alpha, data.bias, data.residual, data.slope)  # KERNEL_INPUTS
         buffers = tuple(self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays)
         y = self.torch.full(data.out_shape, float("nan"), dtype=self.torch.float32, device=self.device)  # unwritten
-        call = plan_call(data.x.shape, data.out_channels, data.attrs)
+        call = plan_call(data.x.shape, data.out_channels, data.attrs, has_residual=data.has_residual)
         params = kernel_params([b.data_ptr() for b in buffers], call.int_args, [y.data_ptr()])
         return DeviceCase(buffers, y, call, params)
 

@@ -2,8 +2,11 @@
 
 TensorRT's AOT plugin path launches exactly one kernel, passing ``(input pointers..., extra int32
 args..., output pointers...)``, and does not serialize plugin attributes into the engine. So the
-kernel ``tod_binary_conv2d(x, w_packed, alpha, bias, <KERNEL_INT_ARGS>, y)`` receives every
-attribute as an int32, the threshold as its float32 bit pattern.
+kernel ``tod_binary_conv2d(x, w_packed, alpha, bias, residual, slope, <KERNEL_INT_ARGS>, y)``
+receives every attribute as an int32, the threshold as its float32 bit pattern and the activation as
+its index in ``ACTIVATIONS``; ``has_residual`` says whether ``residual`` is Y-shaped or the empty
+tensor that stands for none (the kernel then never reads it, nor ``slope`` unless the activation is
+prelu: an empty tensor's pointer may be null).
 
 The launch arithmetic here runs on Python ints (tests, planning) and on TensorRT's symbolic shape
 expressions (``aot_impl``): it uses only ``+``, ``-``, ``*`` and a caller-supplied ``cdiv``
@@ -27,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from tod_deploy.errors import UserError
-from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs
+from tod_deploy.ops.binary_conv_ref import ACTIVATIONS, BinaryConvAttrs
 
 KERNEL_NAME = "tod_binary_conv2d"
-# The kernel's parameters between the four input pointers (x, w_packed, alpha, bias) and the output
-# pointer y, all int32, in this order (plugins/binary_conv2d/cuda/binary_conv2d_tile.cuh: ArgIndex).
+# The kernel's parameters between the six input pointers (KERNEL_INPUTS) and the output pointer y,
+# all int32, in this order (plugins/binary_conv2d/cuda/binary_conv2d_tile.cuh: ArgIndex).
 KERNEL_INT_ARGS = (
     "n",
     "c",
@@ -52,8 +55,10 @@ KERNEL_INT_ARGS = (
     "zero_sign",
     "pad_value",
     "threshold_bits",
+    "activation",
+    "has_residual",
 )
-KERNEL_INPUTS = ("x", "w_packed", "alpha", "bias")
+KERNEL_INPUTS = ("x", "w_packed", "alpha", "bias", "residual", "slope")
 KERNEL_OUTPUTS = ("y",)
 
 # Tiling, as in binary_conv2d_tile.cuh (kThreads, kBM, kBN): a block of 128 threads computes
@@ -140,10 +145,23 @@ def float_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
+def activation_code(attrs: BinaryConvAttrs) -> int:
+    """The kernel's ``activation``: the index in ``ACTIVATIONS`` (binary_conv2d_core.h: enum Activation)."""
+    return ACTIVATIONS.index(attrs.activation)
+
+
 def kernel_int_args(
-    shape_nchw: Sequence[Dim], out_channels: int, attrs: BinaryConvAttrs, cdiv: CDiv = ceil_div
+    shape_nchw: Sequence[Dim],
+    out_channels: int,
+    attrs: BinaryConvAttrs,
+    cdiv: CDiv = ceil_div,
+    *,
+    has_residual: bool,
 ) -> list[Dim]:
-    """The kernel's extra int32 arguments, in ``KERNEL_INT_ARGS`` order."""
+    """The kernel's extra int32 arguments, in ``KERNEL_INT_ARGS`` order.
+
+    ``has_residual`` is whether the node's residual input is Y-shaped (not the empty tensor).
+    """
     n, c, h, w = shape_nchw
     _group_out_channels(out_channels, attrs)
     oh, ow = output_hw(h, w, attrs, cdiv)
@@ -169,6 +187,8 @@ def kernel_int_args(
         "zero_sign": attrs.zero_sign,
         "pad_value": attrs.pad_value,
         "threshold_bits": float_bits(attrs.threshold),
+        "activation": activation_code(attrs),
+        "has_residual": int(bool(has_residual)),
     }
     return [values[name] for name in KERNEL_INT_ARGS]
 

@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from tod_deploy.errors import UserError
 from tod_deploy.ops.binary_conv_ref import DOMAIN, OP_TYPE, BinaryConvAttrs
+from tod_deploy.ops.binary_conv_versions import upgrade_to_v2
 from tod_deploy.trt import kernels
 from tod_deploy.trt.runtime import require_cuda, require_tensorrt
 
@@ -31,7 +32,8 @@ KNOWN_PLUGINS = frozenset({PLUGIN_ID})
 # an int attribute ``aot`` = 1 asks for the AOT implementation strictly (importerUtils createPlugin).
 NAMESPACE_ATTR = "plugin_namespace"
 AOT_ATTR = "aot"
-INPUT_NAMES = ("x", "w_packed", "alpha", "bias")
+INPUT_NAMES = kernels.KERNEL_INPUTS  # x, w_packed, alpha, bias, residual, slope (op version 2)
+REEXPORT_FIX = "re-export the model with tod-deploy export"
 
 T = TypeVar("T")
 Cdiv = Callable[[Any, Any], Any]
@@ -49,11 +51,12 @@ def attrs_from_fields(fields: Mapping[str, object]) -> BinaryConvAttrs:
 
 def _attrs(
     kernel_shape: str, strides: str, pads: str, dilations: str, group: int, in_channels: int, threshold: float,
-    zero_sign: int, pad_value: int,
+    zero_sign: int, pad_value: int, activation: str,
 ) -> BinaryConvAttrs:  # fmt: skip
     return attrs_from_fields(
         {"kernel_shape": kernel_shape, "strides": strides, "pads": pads, "dilations": dilations, "group": group,
-         "in_channels": in_channels, "threshold": threshold, "zero_sign": zero_sign, "pad_value": pad_value}
+         "in_channels": in_channels, "threshold": threshold, "zero_sign": zero_sign, "pad_value": pad_value,
+         "activation": activation}
     )  # fmt: skip
 
 
@@ -64,13 +67,19 @@ def output_shape(x_shape: Sequence[T], w_shape: Sequence[T], attrs: BinaryConvAt
     return (n, w_shape[0], oh, ow)
 
 
-def output_dtype(x: T, w_packed: T, alpha: T, bias: T, *, float32: T, packed: T) -> T:
-    """Y is float32, as in the reference; the inputs must be what the kernel reads.
+def output_dtype(input_dtypes: Sequence[T], *, float32: T, packed: T) -> T:
+    """Y is float32, as in the reference; the inputs (in ``INPUT_NAMES`` order) must be what the kernel reads.
 
-    ``packed`` is the dtype W_packed has in the network TensorRT sees (int32, see tensorrt_view).
+    ``packed`` is the dtype W_packed has in the network TensorRT sees (int32, see tensorrt_view); every
+    other input is float32, the empty residual and slope that stand for "none" too.
     """
-    wanted = (float32, packed, float32, float32)
-    for name, got, want in zip(INPUT_NAMES, (x, w_packed, alpha, bias), wanted, strict=True):
+    if len(input_dtypes) != len(INPUT_NAMES):
+        raise UserError(
+            f"{PLUGIN_ID} has {len(input_dtypes)} inputs; the kernel reads {', '.join(INPUT_NAMES)}",
+            REEXPORT_FIX,
+        )
+    wanted = (float32, packed, *(float32,) * (len(INPUT_NAMES) - 2))
+    for name, got, want in zip(INPUT_NAMES, input_dtypes, wanted, strict=True):
         if got != want:
             raise UserError(
                 f"{PLUGIN_ID} input {name} is {got}, the kernel reads {want}",
@@ -79,9 +88,43 @@ def output_dtype(x: T, w_packed: T, alpha: T, bias: T, *, float32: T, packed: T)
     return float32
 
 
-def kernel_args(x_shape: Sequence[Any], out_channels: int, attrs: BinaryConvAttrs, cdiv: Cdiv) -> list[Any]:
+def has_residual(residual_shape: Sequence[int | None], y_shape: Sequence[int | None]) -> bool:
+    """Whether the residual input is a residual: of Y's shape ``[N, Cout, OH, OW]`` (True) or the empty ``[0]``
+    that stands for none (False). Dims are ints, or None where not known at build time."""
+    if len(residual_shape) == 1 and residual_shape[0] in (0, None):
+        return False
+    if len(residual_shape) == len(y_shape) == 4 and all(map(_agree, residual_shape, y_shape)):
+        return True
+    shown = ", ".join("?" if d is None else str(d) for d in y_shape)
+    raise UserError(
+        f"{PLUGIN_ID} input residual has shape {list(residual_shape)}; it must be Y's [{shown}] or the empty [0] "
+        "for none",
+        REEXPORT_FIX,
+    )
+
+
+def check_slope(slope_shape: Sequence[int | None], out_channels: int | None, attrs: BinaryConvAttrs) -> None:
+    """``slope`` holds one value per output channel exactly when the activation is prelu, else it is empty."""
+    want = out_channels if attrs.activation == "prelu" else 0
+    if len(slope_shape) == 1 and _agree(slope_shape[0], want):
+        return
+    raise UserError(
+        f"{PLUGIN_ID} input slope has shape {list(slope_shape)}; with activation {attrs.activation!r} it must be "
+        f"[{want if want is not None else 'Cout'}]",
+        REEXPORT_FIX,
+    )
+
+
+def _agree(dim: int | None, want: int | None) -> bool:
+    """Two dims agree unless both are known and differ."""
+    return dim is None or want is None or dim == want
+
+
+def kernel_args(
+    x_shape: Sequence[Any], out_channels: int, attrs: BinaryConvAttrs, cdiv: Cdiv, *, has_residual: bool
+) -> list[Any]:
     """The int32 extra kernel arguments, in ``kernels.KERNEL_INT_ARGS`` order."""
-    return list(kernels.kernel_int_args(tuple(x_shape), out_channels, attrs, cdiv))
+    return list(kernels.kernel_int_args(tuple(x_shape), out_channels, attrs, cdiv, has_residual=has_residual))
 
 
 def launch(x_shape: Sequence[Any], out_channels: int, attrs: BinaryConvAttrs, cdiv: Cdiv) -> kernels.Launch:
@@ -116,8 +159,10 @@ def device_ptx() -> str:
 def tensorrt_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of an export, shaped for TensorRT's ONNX parser; the file on disk is left as is.
 
+    - version-1 nodes (four inputs, no ``activation``) become version 2 first (``upgrade_to_v2``: the
+      empty residual and slope, ``activation="none"``): the plugin has the one six-input signature;
     - each ``tod`` node gets ``plugin_namespace="tod"`` (how the parser finds our plugin) and ``aot=1``,
-      and its nine attributes rewritten in full and canonical form: TensorRT's Python plugin layer
+      and its ten attributes rewritten in full and canonical form: TensorRT's Python plugin layer
       passes attributes to ``aot_impl`` positionally in the order the parser hands them over, so a
       node must carry every one of them (older exports may omit defaults);
     - W_packed is reinterpreted from uint8 [Cout, KH, KW, B] to int32 [Cout, KH, KW, B/4] (the same
@@ -126,7 +171,7 @@ def tensorrt_view(model: onnx.ModelProto) -> onnx.ModelProto:
       (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/FoundationalTypes/DataType.html).
     """
     view = onnx.ModelProto()
-    view.CopyFrom(model)
+    view.CopyFrom(upgrade_to_v2(model))
     packed = {node.input[1] for node in view.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE}
     for node in view.graph.node:
         if node.domain == DOMAIN and node.op_type == OP_TYPE:
@@ -191,12 +236,20 @@ def _define(trt: Any, trtp: Any) -> None:
             return -(-a // b)
         return trtp.cdiv(a, b)
 
+    def known(dims: Sequence[Any]) -> list[int | None]:
+        """Dims as ints where known at build time, None elsewhere (and in the dtype pass, where
+        tensorrt.plugin hands over fake shape expressions that only carry the rank)."""
+        return [e if isinstance(e, int) else None if e.is_fake or not e.is_constant else e.constant_value()
+                for e in dims]  # fmt: skip
+
     @trtp.register(PLUGIN_ID)
     def _describe(
         x: trtp.TensorDesc,
         w_packed: trtp.TensorDesc,
         alpha: trtp.TensorDesc,
         bias: trtp.TensorDesc,
+        residual: trtp.TensorDesc,
+        slope: trtp.TensorDesc,
         kernel_shape: str,
         strides: str,
         pads: str,
@@ -206,10 +259,15 @@ def _define(trt: Any, trtp: Any) -> None:
         threshold: float,
         zero_sign: int,
         pad_value: int,
+        activation: str,
     ) -> trtp.TensorDesc:
-        attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
-        dtype = output_dtype(x.dtype, w_packed.dtype, alpha.dtype, bias.dtype, float32=trt.float32, packed=trt.int32)
+        attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value,
+                       activation)  # fmt: skip
+        inputs = (x, w_packed, alpha, bias, residual, slope)
+        dtype = output_dtype([d.dtype for d in inputs], float32=trt.float32, packed=trt.int32)
         shape = output_shape(list(x.shape_expr), list(w_packed.shape_expr), attrs, cdiv)
+        has_residual(known(residual.shape_expr), known(shape))
+        check_slope(known(slope.shape_expr), known(shape)[1], attrs)
         return trtp.from_shape_expr(tuple(shape), dtype=dtype)
 
     @trtp.aot_impl(PLUGIN_ID)
@@ -218,6 +276,8 @@ def _define(trt: Any, trtp: Any) -> None:
         w_packed: trtp.TensorDesc,
         alpha: trtp.TensorDesc,
         bias: trtp.TensorDesc,
+        residual: trtp.TensorDesc,
+        slope: trtp.TensorDesc,
         kernel_shape: str,
         strides: str,
         pads: str,
@@ -227,10 +287,12 @@ def _define(trt: Any, trtp: Any) -> None:
         threshold: float,
         zero_sign: int,
         pad_value: int,
+        activation: str,
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value)
+        attrs = _attrs(kernel_shape, strides, pads, dilations, group, in_channels, threshold, zero_sign, pad_value,
+                       activation)  # fmt: skip
         x_shape = list(x.shape_expr)
         out_channels = w_packed.shape_expr[0].constant_value()  # W_packed is an initializer: static
         geometry = launch(x_shape, out_channels, attrs, cdiv)
@@ -239,7 +301,9 @@ def _define(trt: Any, trtp: Any) -> None:
             block_x=geometry.block[0], block_y=geometry.block[1], block_z=geometry.block[2],
             shared_mem=geometry.shared_mem,
         )  # fmt: skip
-        values = kernel_args(x_shape, out_channels, attrs, cdiv)
+        y_shape = output_shape(x_shape, list(w_packed.shape_expr), attrs, cdiv)
+        residual_given = has_residual(known(residual.shape_expr), known(y_shape))
+        values = kernel_args(x_shape, out_channels, attrs, cdiv, has_residual=residual_given)
         extra = trtp.SymIntExprs(len(values))
         for index, value in enumerate(values):
             extra[index] = trtp.SymInt32(value)

@@ -317,11 +317,14 @@ class _Checker:
             if not spec["available"]:
                 row.reason = f"needs TensorRT plugin {plugin}, which this project does not provide yet"
                 row.fix = spec["fix_without_plugin"]
-            version = self.domain_versions.get(node.domain, spec["version"])
-            if version != spec["version"]:
+            versions = spec["versions"]  # version 1 is read as the newest (plugins.tensorrt_view)
+            version = self.domain_versions.get(node.domain, versions[-1])
+            if version not in versions:
                 row.status = "missing-plugin"
-                row.reason = f"{plugin} version {version}; our plugin implements version {spec['version']}"
+                row.reason = f"{plugin} version {version}; our plugin builds versions {', '.join(map(str, versions))}"
                 row.fix = f"re-export with this tod-deploy, or {spec['fix_without_plugin']}"
+            elif version != versions[-1]:
+                row.detail = f"op version {version}, built as version {versions[-1]}"
             return row
         function = self.functions.get((node.domain, node.op_type))
         if function is not None:  # the parser inlines model-local functions: check their bodies instead

@@ -156,6 +156,28 @@ bool pack_rows(const Problem& p, PackBlockFn block, int64_t n, int64_t jw, int64
   return saw_zero;
 }
 
+}  // namespace
+
+void finish_row(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y) {
+  const Geometry& g = p.g;
+  const int64_t o_end = std::min<int64_t>(o0 + 8, g.cog);
+  const int act = p.activation;
+  for (int64_t o = o0; o < o_end; ++o) {
+    const int64_t oc = grp * g.cog + o;
+    const int64_t at = ((n * g.cout + oc) * g.ho + y) * g.wo;
+    float* __restrict__ row = p.out + at;
+    const float slope = act == kActPrelu ? p.slope[oc] : 0.0f;
+    if (p.residual) {
+      const float* __restrict__ res = p.residual + at;
+      for (int64_t x = 0; x < g.wo; ++x) row[x] = activate(add_residual(row[x], res[x]), act, slope);
+    } else {
+      for (int64_t x = 0; x < g.wo; ++x) row[x] = activate(row[x], act, slope);
+    }
+  }
+}
+
+namespace {
+
 std::string validate(const Geometry& g) {
   if (g.n < 1 || g.c < 1 || g.h < 1 || g.w < 1 || g.cout < 1) return "empty input or output";
   if (g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1) return "kernel, strides, dilations >= 1";
@@ -175,6 +197,8 @@ std::string run(Problem& p, Isa isa, int threads) {
   derive(g);
   const std::string bad = validate(g);
   if (!bad.empty()) return bad;
+  if (p.activation < kActNone || p.activation > kActPrelu) return "activation must be 0 (none), 1 (relu) or 2 (prelu)";
+  if (p.activation == kActPrelu && !p.slope) return "prelu needs one slope per output channel";
   p.a = make_layout(g);
   const std::vector<Isa> ok = supported_isas();
   if (std::find(ok.begin(), ok.end(), isa) == ok.end()) return std::string("this CPU or build cannot run ") + isa_name(isa);
@@ -220,6 +244,7 @@ std::string run(Problem& p, Isa isa, int threads) {
   });
   p.zeros_in_x = g.zero_sign == 0 && std::any_of(saw_zero.begin(), saw_zero.end(), [](char z) { return z != 0; });
 
+  const bool fused = p.residual || p.activation != kActNone;
   const int64_t otiles = g.cog_pad / 8;
   parallel_for(g.n * g.group * otiles * g.ho, workers, [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -228,6 +253,7 @@ std::string run(Problem& p, Isa isa, int threads) {
       const int64_t grp = (item / (g.ho * otiles)) % g.group;
       const int64_t n = item / (g.ho * otiles * g.group);
       compute(p, n, grp, ot * 8, y);
+      if (fused) finish_row(p, n, grp, ot * 8, y);
     }
   });
   p.sign = p.nonzero = nullptr;

@@ -28,6 +28,9 @@ struct Problem {
   const float* bias = nullptr;       // [cout] or null
   float* out = nullptr;              // [n][cout][ho][wo]
   int32_t* sums = nullptr;           // [n][cout][ho][wo] or null
+  const float* residual = nullptr;   // [n][cout][ho][wo] or null (fused epilogue, op version 2)
+  const float* slope = nullptr;      // [cout] when activation == kActPrelu
+  int activation = kActNone;         // see Activation in ../binary_conv2d_core.h
   // filled by the driver:
   std::vector<uint64_t> weights;     // see weight_index()
   uint64_t* sign = nullptr;          // [n][image_words]
@@ -48,6 +51,11 @@ inline void store_output(const Problem& p, int64_t n, int64_t o, int64_t y, int6
   p.out[at] = epilogue(s, p.alpha[o], p.bias ? p.bias[o] : 0.0f);
   if (p.sums) p.sums[at] = s;
 }
+
+// The fused epilogue of output row y of channels [o0, o0 + 8) of group grp (those < cog): the ISA
+// kernels store alpha * S + bias, and this pass, shared by every path, adds the residual and applies
+// the activation while the row is still in L1 (one pass over the map instead of the graph's two).
+void finish_row(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y);
 
 // Binarize channels [c0, c0 + nch) (nch <= 64) of input rows [y, y + rows) of image n into one
 // word per pixel: sign_out[r * w + x] and, if nz_out is not null, nz_out[...]. Bits past nch are

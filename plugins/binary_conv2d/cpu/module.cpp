@@ -38,11 +38,11 @@ struct Buffer {
 };
 
 PyObject* py_conv2d(PyObject*, PyObject* args) {
-  PyObject *x, *w, *alpha, *bias, *thr, *out, *sums, *geom;
+  PyObject *x, *w, *alpha, *bias, *thr, *out, *sums, *geom, *residual, *slope;
   const char* isa_name;
-  int threads;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOsi:conv2d", &x, &w, &alpha, &bias, &thr, &out, &sums, &geom, &isa_name,
-                        &threads)) {
+  int threads, activation;
+  if (!PyArg_ParseTuple(args, "OOOOOOOOsiOOi:conv2d", &x, &w, &alpha, &bias, &thr, &out, &sums, &geom, &isa_name,
+                        &threads, &residual, &slope, &activation)) {
     return nullptr;
   }
   Geometry g{};
@@ -69,7 +69,7 @@ PyObject* py_conv2d(PyObject*, PyObject* args) {
     return nullptr;
   }
   const Py_ssize_t n_out = d.n * d.cout * d.ho * d.wo;
-  Buffer bx, bw, ba, bb, bt, bo, bs;
+  Buffer bx, bw, ba, bb, bt, bo, bs, br, bp;
   if (!bx.get(x, false, 4, d.n * d.c * d.h * d.w, "X") || !bw.get(w, false, 1, d.cout * d.taps * d.words * 8, "W_packed") ||
       !ba.get(alpha, false, 4, d.cout, "alpha") || !bt.get(thr, false, 4, d.c, "threshold") ||
       !bo.get(out, true, 4, n_out, "out")) {
@@ -77,6 +77,8 @@ PyObject* py_conv2d(PyObject*, PyObject* args) {
   }
   if (bias != Py_None && !bb.get(bias, false, 4, d.cout, "bias")) return nullptr;
   if (sums != Py_None && !bs.get(sums, true, 4, n_out, "sums")) return nullptr;
+  if (residual != Py_None && !br.get(residual, false, 4, n_out, "residual")) return nullptr;
+  if (slope != Py_None && !bp.get(slope, false, 4, d.cout, "slope")) return nullptr;
 
   Problem p;
   p.g = g;
@@ -87,6 +89,9 @@ PyObject* py_conv2d(PyObject*, PyObject* args) {
   p.threshold = static_cast<const float*>(bt.view.buf);
   p.out = static_cast<float*>(bo.view.buf);
   p.sums = sums != Py_None ? static_cast<int32_t*>(bs.view.buf) : nullptr;
+  p.residual = residual != Py_None ? static_cast<const float*>(br.view.buf) : nullptr;
+  p.slope = slope != Py_None ? static_cast<const float*>(bp.view.buf) : nullptr;
+  p.activation = activation;
   std::string error;
   Py_BEGIN_ALLOW_THREADS;
   try {
@@ -114,7 +119,8 @@ PyObject* py_supported_isas(PyObject*, PyObject*) {
 
 PyMethodDef kMethods[] = {
     {"conv2d", py_conv2d, METH_VARARGS,
-     "conv2d(x, w_packed, alpha, bias|None, threshold[c], out, sums|None, geometry, isa, threads)\n"
+     "conv2d(x, w_packed, alpha, bias|None, threshold[c], out, sums|None, geometry, isa, threads,\n"
+     "       residual|None, slope|None, activation)   activation: 0 none, 1 relu, 2 prelu\n"
      "geometry = (n, c, h, w, cout, kh, kw, sh, sw, dh, dw, pad_top, pad_left, pad_bottom, pad_right, group,\n"
      "            zero_sign, pad_value)"},
     {"supported_isas", py_supported_isas, METH_NOARGS, "ISA paths this build and CPU can run, best first."},

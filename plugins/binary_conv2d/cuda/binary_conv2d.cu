@@ -5,7 +5,7 @@
 // (input pointers..., extra int args..., output pointers...), and does not serialize plugin
 // attributes, so every attribute arrives as an int32 (the threshold as its IEEE bit pattern).
 //
-// The block tiling, activation packing, fragment loads and epilogue are TOD_HD functions in
+// The block tiling, activation packing, fragment loads and fused epilogue are TOD_HD functions in
 // binary_conv2d_tile.cuh that the host tests run; only the MMA instruction is device-only. The
 // tensor-core path is chosen at compile time, the launch geometry is the same on every arch:
 //   sm_80+ (incl. sm_87, sm_90): mma m16n8k256 b1 AND+popc; sm_90 has no native XOR b1 MMA.
@@ -66,17 +66,20 @@ __device__ __forceinline__ void warp_chunk(const Smem& s, int warp, int lane, Wa
 #error "tod_binary_conv2d needs b1 tensor cores: compile for sm_75 or newer"
 #endif
 
+// residual (Y-shaped, or an empty tensor when has_residual is 0) and slope (Cout values when activation
+// is prelu, else empty) are the op's version-2 epilogue inputs; an empty one is never read.
 extern "C" __global__ void __launch_bounds__(kThreads)
     tod_binary_conv2d(const float* __restrict__ x, const uint8_t* __restrict__ w_packed,
-                      const float* __restrict__ alpha, const float* __restrict__ bias, int32_t n, int32_t c,
+                      const float* __restrict__ alpha, const float* __restrict__ bias,
+                      const float* __restrict__ residual, const float* __restrict__ slope, int32_t n, int32_t c,
                       int32_t h, int32_t w, int32_t cout, int32_t oh, int32_t ow, int32_t kh, int32_t kw,
                       int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, int32_t dil_h,
                       int32_t dil_w, int32_t group, int32_t zero_sign, int32_t pad_value, int32_t threshold_bits,
-                      float* __restrict__ y) {
+                      int32_t activation, int32_t has_residual, float* __restrict__ y) {
   __shared__ Smem smem;
   const int32_t raw[kArgCount] = {n,        c,        h,       w,     cout,  oh,        ow,        kh,
                                   kw,       stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, group,
-                                  zero_sign, pad_value, threshold_bits};
+                                  zero_sign, pad_value, threshold_bits, activation, has_residual};
   const Args args = make_args(raw);
   const Block blk = make_block(args, blockIdx.x, blockIdx.y, blockIdx.z);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -100,7 +103,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     int32_t o = 0;
     int64_t index = 0;
     if (output_slot(args, blk, m, nn, o, index)) {
-      y[index] = epilogue(tile_sum(args, kXorPath, smem, m, nn), alpha[o], bias[o]);
+      y[index] = output_value(args, tile_sum(args, kXorPath, smem, m, nn), o, index, alpha, bias, residual, slope);
     }
   }
 }

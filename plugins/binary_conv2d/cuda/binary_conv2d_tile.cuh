@@ -3,7 +3,7 @@
 // Why this is a header of TOD_HD functions and not kernel code: no GPU runs the tests, so everything
 // the kernel does except the MMA instruction itself (argument decoding, which block owns which
 // outputs, binarizing and packing X into shared memory, which bits each lane hands to the MMA,
-// where each accumulator lands, the final sum and epilogue) lives here, and the host harness
+// where each accumulator lands, the final sum and the fused epilogue) lives here, and the host harness
 // (host_check.cpp) executes these same functions thread by thread, with the warp MMA emulated
 // from the PTX ISA's fragment tables.
 //
@@ -32,9 +32,11 @@ static_assert(kBM * kKC == kThreads && kBN * kKC == kThreads, "one staged word p
 static_assert(kWarps * 16 * 16 == kBM * kBN, "each warp owns a 16 x 16 accumulator tile");
 
 // The kernel's int32 extra arguments, in launch order (tod_deploy/trt/kernels.py: KERNEL_INT_ARGS).
+// kActivation is an Activation (binary_conv2d_core.h); kHasResidual is 1 when the residual input is
+// Y-shaped, 0 when it is the empty tensor that stands for none.
 enum ArgIndex {
   kN, kC, kH, kW, kCout, kOH, kOW, kKH, kKW, kStrideH, kStrideW, kPadTop, kPadLeft,
-  kDilH, kDilW, kGroup, kZeroSign, kPadValue, kThresholdBits, kArgCount
+  kDilH, kDilW, kGroup, kZeroSign, kPadValue, kThresholdBits, kActivation, kHasResidual, kArgCount
 };
 
 struct Args {
@@ -277,6 +279,17 @@ TOD_HD bool output_slot(const Args& a, const Block& b, int m, int nn, int32_t& o
   o = b.grp * a.cog + o_in_group;
   index = (int64_t(b.n) * a.v[kCout] + o) * a.positions + p;
   return true;
+}
+
+// Y of output channel o at flat index `index` from its integer sum: alpha * S + bias, plus the residual,
+// then the activation (op version 2, binary_conv2d_core.h). residual and slope are read only when
+// present (has_residual; activation prelu): an absent one is an empty tensor whose pointer may be null.
+TOD_HD float output_value(const Args& a, int32_t s, int32_t o, int64_t index, const float* alpha, const float* bias,
+                          const float* residual, const float* slope) {
+  float y = epilogue(s, alpha[o], bias[o]);
+  if (a.v[kHasResidual]) y = add_residual(y, residual[index]);
+  const int32_t activation = a.v[kActivation];
+  return activate(y, activation, activation == kActPrelu ? slope[o] : 0.0f);
 }
 
 // Epilogue element e (0 .. kBM * kBN / kThreads - 1) of thread tid: consecutive threads write

@@ -142,7 +142,7 @@ bool warp_chunk_xor(const Smem& s, int warp, WarpAcc acc[kLanes]) {
 
 // One thread block of the kernel, its threads run one after another between barriers.
 bool run_block(const Args& args, const Block& blk, const float* x, const uint8_t* w_packed, const float* alpha,
-               const float* bias, bool xor_path, float* y, int32_t* sums) {
+               const float* bias, const float* residual, const float* slope, bool xor_path, float* y, int32_t* sums) {
   Smem smem;
   WarpAcc acc[kWarps][kLanes];
   for (int tid = 0; tid < kThreads; ++tid) {
@@ -168,7 +168,7 @@ bool run_block(const Args& args, const Block& blk, const float* x, const uint8_t
       if (output_slot(args, blk, m, nn, o, index)) {
         const int32_t s = tile_sum(args, xor_path, smem, m, nn);
         sums[index] = s;
-        y[index] = epilogue(s, alpha[o], bias[o]);
+        y[index] = output_value(args, s, o, index, alpha, bias, residual, slope);
       }
     }
   }
@@ -181,14 +181,17 @@ extern "C" {
 
 // The kernel's per-block arithmetic on a grid of blocks (grid from tod_deploy.trt.kernels.launch_geometry).
 // path 0: AND / m16n8k256 (sm_80+), 1: XOR / m8n8k128 (sm_75). Returns 0, or -1 for a bad fragment table.
+// residual and slope are the kernel's: null when absent (the kernel must then not read them).
 int tod_emulate_kernel(const float* x, const uint8_t* w_packed, const float* alpha, const float* bias,
-                       const int32_t* raw_args, int path, int32_t gx, int32_t gy, int32_t gz, float* y,
-                       int32_t* sums) {
+                       const float* residual, const float* slope, const int32_t* raw_args, int path, int32_t gx,
+                       int32_t gy, int32_t gz, float* y, int32_t* sums) {
   const Args args = make_args(raw_args);
   for (int32_t bz = 0; bz < gz; ++bz)
     for (int32_t by = 0; by < gy; ++by)
       for (int32_t bx = 0; bx < gx; ++bx)
-        if (!run_block(args, make_block(args, bx, by, bz), x, w_packed, alpha, bias, path == 1, y, sums)) return -1;
+        if (!run_block(args, make_block(args, bx, by, bz), x, w_packed, alpha, bias, residual, slope, path == 1, y,
+                       sums))
+          return -1;
   return 0;
 }
 
