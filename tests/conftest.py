@@ -1,5 +1,5 @@
 """Shared fixtures: small exports reused across test modules (ThumbDet: export, verify, bench, CLI; CFINet;
-SR-TOD: parity)."""
+SR-TOD: parity; DFR-Det's default plugin export: ISA paths, teacher forcing, check --target tensorrt)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,11 @@ def small_cfinet(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
 def sr_tod_small(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
     out = tmp_path_factory.mktemp("sr_tod")
     return export_model("sr_tod", out, overrides={"input_size": "256x256", "top_k": 100}, log=lambda _line: None)
+
+
+@pytest.fixture(scope="session")
+def dfr_plugin_small(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """DFR-Det FCOS as `export` writes it by default: tod::BinaryConv2d nodes with the epilogue fused."""
+    out = tmp_path_factory.mktemp("dfr_plugin")
+    overrides = {"input_size": "256x256", "binary_conv": "plugin"}
+    return export_model("dfr_det", out, overrides=overrides, log=lambda _line: None)

@@ -109,7 +109,8 @@ def test_failed_verification_leaves_no_artifact(tmp_path: Path, monkeypatch: pyt
     real = pipeline.verify_onnx
 
     def strict_verify(*args: object, **kwargs: object) -> object:
-        return real(*args, **{**kwargs, "policy": replace(FP32, atol=0.0, rtol=0.0)})  # no export is bit-exact
+        strict = replace(FP32, atol=0.0, rtol=0.0, scale_rtol=0.0)  # no export is bit-exact
+        return real(*args, **{**kwargs, "policy": strict})
 
     monkeypatch.setattr(pipeline, "verify_onnx", strict_verify)
     with pytest.raises(UserError, match=r"verification failed, nothing written: output pred_\w+: \d+ of \d+ elements"):

@@ -20,9 +20,10 @@ def quiet(_line: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def dfr_plugin(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    out = tmp_path_factory.mktemp("dfr_plugin")
-    return export_model("dfr_det", out, overrides={"input_size": "256x256", "binary_conv": "plugin"}, log=quiet)
+def dfr_unfused(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    out = tmp_path_factory.mktemp("dfr_unfused")
+    overrides = {"input_size": "256x256", "binary_conv": "plugin-unfused"}
+    return export_model("dfr_det", out, overrides=overrides, log=quiet)
 
 
 def _reverify(export: ExportResult, threads: int):  # noqa: ANN202
@@ -33,15 +34,26 @@ def _reverify(export: ExportResult, threads: int):  # noqa: ANN202
 
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("isa", binary_conv_cpu.ISAS)
-def test_one_bit_parity_on_every_isa_path(dfr_plugin: ExportResult, isa: str, threads: int) -> None:
+def test_one_bit_parity_on_every_isa_path(dfr_plugin_small: ExportResult, isa: str, threads: int) -> None:
+    """The default export (every Bi-Real block's Add and PReLU fused into its node)."""
     if isa not in binary_conv_cpu.supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} path (it runs {', '.join(binary_conv_cpu.supported_isas())})")
     with binary_conv_cpu.use_isa(isa):
-        report = _reverify(dfr_plugin, threads)
+        report = _reverify(dfr_plugin_small, threads)
     assert report.ok, f"{isa}, {threads} threads: {report.failure()}"
     layers = report.decision("binary layers")
     assert layers.sites == 16 + 8 * 5 and layers.output.max_abs == 0.0  # integer sums: exact on every path
     assert layers.flips == layers.excused
+
+
+@pytest.mark.parametrize("isa", binary_conv_cpu.ISAS)
+def test_unfused_one_bit_parity_on_every_isa_path(dfr_unfused: ExportResult, isa: str) -> None:
+    if isa not in binary_conv_cpu.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} path (it runs {', '.join(binary_conv_cpu.supported_isas())})")
+    with binary_conv_cpu.use_isa(isa):
+        report = _reverify(dfr_unfused, threads=2)
+    assert report.ok, f"{isa}: {report.failure()}"
+    assert report.decision("binary layers").output.max_abs == 0.0
 
 
 @pytest.mark.parametrize("threads", THREADS)

@@ -173,7 +173,7 @@ def test_export_parity_per_detector(tmp_path: Path, detector: str) -> None:
     report = result.verification
     assert report.ok, report.failure()
     assert {o.name for o in report.outputs} >= {"diff_map", "binary_mask"}
-    assert all(o.max_abs < 1e-4 for o in report.outputs)
+    assert all(o.max_abs <= o.atol for o in report.outputs)  # every element within the applied atol
     assert report.detections.checked >= 50 and report.detections.count_diff == 0
     onnx_model = onnx.load(str(result.onnx_path))
     ops = {n.op_type for n in onnx_model.graph.node}

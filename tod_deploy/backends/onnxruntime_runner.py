@@ -71,8 +71,8 @@ def new_session(
 class OnnxRuntimeRunner:
     backend = "onnxruntime"
 
-    def __init__(self, model: onnx.ModelProto, threads: int | None = None) -> None:
-        self.session = new_session(model, threads)
+    def __init__(self, model: onnx.ModelProto, threads: int | None = None, optimize: bool = True) -> None:
+        self.session = new_session(model, threads, optimize=optimize)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
