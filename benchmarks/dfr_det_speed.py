@@ -56,13 +56,16 @@ def profile_by_op(path: Path, images: object, threads: int, runs: int = 3) -> di
 def bench_detector(detector: str, out: Path, args: argparse.Namespace, threads: int) -> dict[str, object]:
     """One detector: 1-bit (fused, default export), 1-bit unfused, real-valued, interleaved; op table of the fused."""
     overrides = {"input_size": args.size, "model": {"detector": detector}}
+    verify = not args.no_verify
     exports = {
-        "1-bit fused": export_model("dfr_det", out / detector, overrides=overrides, log=log),
+        "1-bit fused": export_model("dfr_det", out / detector, overrides=overrides, verify=verify, log=log),
         "1-bit unfused": export_model(
             "dfr_det", out / detector, overrides={**overrides, "binary_conv": "plugin-unfused"},
-            name=f"dfr_det_{detector}_unfused", log=log,
+            name=f"dfr_det_{detector}_unfused", verify=verify, log=log,
         ),
-        "real-valued": export_model("dfr_det", out / detector, variant="real", overrides=overrides, log=log),
+        "real-valued": export_model(
+            "dfr_det", out / detector, variant="real", overrides=overrides, verify=verify, log=log
+        ),
     }  # fmt: skip
     images = verification_images(exports["1-bit fused"].sidecar.recipe, 1, seed=0)
     runners = {name: OnnxRuntimeRunner(load_onnx(result.onnx_path), threads) for name, result in exports.items()}
@@ -89,6 +92,7 @@ def main() -> None:
     parser.add_argument("--size", default="800x800")
     parser.add_argument("--detectors", default="fcos,retinanet,faster_rcnn")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-verify", action="store_true", help="skip export verification (the tests verify)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="dfr-bench-"))
