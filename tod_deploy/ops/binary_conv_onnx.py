@@ -311,12 +311,16 @@ def _binary_nodes(graph: gs.Graph) -> list[gs.Node]:
 def shared_empty_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """Every node's absent residual/slope -> one shared empty initializer (each layer exports its own)."""
     graph = gs.import_onnx(model)
+    _share_empty_inputs(graph)
+    return _export_graph(graph, model)
+
+
+def _share_empty_inputs(graph: gs.Graph) -> None:
     empty = _empty_input(graph)
     for node in _binary_nodes(graph):
         for index in (4, 5):
             if index < len(node.inputs) and _is_empty(node.inputs[index]):
                 node.inputs[index] = empty
-    return _export_graph(graph, model)
 
 
 def _only_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
@@ -346,13 +350,12 @@ def _same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
     return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape) and len(a.shape) == 4
 
 
-def _fuse_one(node: gs.Node, graph_outputs: set[str], constants: dict[str, gs.Constant]) -> bool:
-    """Fold ``-> Add(residual) -> Relu/PRelu`` (either part alone too) behind one node; True if it did."""
+def _fuse_one(node: gs.Node, graph_outputs: set[str], constants: dict[str, gs.Constant]) -> None:
+    """Fold ``-> Add(residual) -> Relu/PRelu`` (either part alone too) behind one node, where exact."""
     if node.attrs.get("activation", "none") != "none" or not _is_empty(node.inputs[4]):
-        return False
+        return
     out = node.outputs[0]
     channels = int(node.inputs[1].shape[0]) if node.inputs[1].shape else -1
-    fused = False
     add = _only_consumer(out, graph_outputs)
     if add is not None and add.op == "Add" and len(add.inputs) == 2:
         other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
@@ -362,7 +365,7 @@ def _fuse_one(node: gs.Node, graph_outputs: set[str], constants: dict[str, gs.Co
             node.outputs[0] = add.outputs[0]
             add.inputs.clear()
             add.outputs.clear()
-            out, fused = node.outputs[0], True
+            out = node.outputs[0]
     act = _only_consumer(out, graph_outputs)
     if act is not None and act.op in ("Relu", "PRelu"):
         slopes = _channel_slopes(act.inputs[1], channels) if act.op == "PRelu" else None
@@ -377,8 +380,6 @@ def _fuse_one(node: gs.Node, graph_outputs: set[str], constants: dict[str, gs.Co
             node.outputs[0] = act.outputs[0]
             act.inputs.clear()
             act.outputs.clear()
-            fused = True
-    return fused
 
 
 def fuse_epilogues(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -388,12 +389,11 @@ def fuse_epilogues(model: onnx.ModelProto) -> onnx.ModelProto:
     nothing else reads the intermediate tensors: the Add's other input must have the output's shape
     (no broadcasting) and a PRelu slope one value per output channel.
     """
-    model = shared_empty_inputs(model)
     inferred = onnx.shape_inference.infer_shapes(model)  # the Add's inputs need known shapes
     graph = gs.import_onnx(inferred)
+    _share_empty_inputs(graph)
     graph_outputs = {t.name for t in graph.outputs}
-    changed = False
     constants: dict[str, gs.Constant] = {}
     for node in _binary_nodes(graph):
-        changed |= _fuse_one(node, graph_outputs, constants)
-    return _export_graph(graph, model) if changed else model
+        _fuse_one(node, graph_outputs, constants)
+    return _export_graph(graph, model)
