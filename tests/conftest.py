@@ -1,13 +1,32 @@
 """Shared fixtures: small exports reused across test modules (ThumbDet: export, verify, bench, CLI; CFINet;
-SR-TOD: parity; DFR-Det's default plugin export: ISA paths, teacher forcing, check --target tensorrt)."""
+SR-TOD: parity; DFR-Det's default plugin export: ISA paths, teacher forcing, check --target tensorrt, quantize)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tod_deploy.export.pipeline import ExportResult, export_model
+
+RUN_SLOW = "TOD_RUN_SLOW"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (full-size exports)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow are skipped, with the way to run them, unless asked for: on a 2-core CI machine
+    they would take a quarter of the run, and each repeats at full size what a small test checks."""
+    if config.getoption("--run-slow") or os.environ.get(RUN_SLOW) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"slow: run with --run-slow (or {RUN_SLOW}=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 
 SMALL = "256x384"  # the smallest size whose coarsest level (stride 256 at 4x) is still 1x2
 

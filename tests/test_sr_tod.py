@@ -159,7 +159,9 @@ def test_mask_is_bit_identical_including_the_half_case(tmp_path: Path, threshold
     assert set(np.unique(ref_mask)) <= {0.0, 0.5, 1.0}
 
 
-@pytest.mark.parametrize("detector", ["faster_rcnn", "cascade_rcnn", "retinanet"])
+@pytest.mark.parametrize(
+    "detector", ["faster_rcnn", pytest.param("cascade_rcnn", marks=pytest.mark.slow), "retinanet"]
+)  # cascade: Faster R-CNN's RPN and RoI stages three times over (test_full_size exports it too)
 def test_export_parity_per_detector(tmp_path: Path, detector: str) -> None:
     model, _ = build_training_model(recipe(detector), None, log=quiet)
     if detector == "retinanet":  # random heads score below 0.05; make some detections to compare

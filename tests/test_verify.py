@@ -226,6 +226,7 @@ def test_a_shifted_box_head_bias_fails(sr_tod_small: ExportResult) -> None:
     assert report.decision("net.mask_sign").flips == 0  # the threshold is not what failed
 
 
+@pytest.mark.slow  # the CLI face of test_a_moved_threshold_fails: a 1-thread verify, a minute
 def test_cli_verify_names_a_moved_threshold(sr_tod_small: ExportResult, tmp_path: Path) -> None:
     """As a user meets it: ``tod-deploy verify`` on a file whose threshold was moved, one line, exit 2."""
     import shutil
