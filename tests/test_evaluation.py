@@ -26,6 +26,7 @@ from tod_deploy.evaluation.coco_eval import (
     evaluate_detections,
 )
 from tod_deploy.evaluation.datasets import load_coco, load_image
+from tod_deploy.evaluation.gate import check_floors
 from tod_deploy.evaluation.run import evaluate_model
 from tod_deploy.evaluation.synthetic import generate_synthetic
 
@@ -380,3 +381,45 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
     with pytest.raises(UserError, match="no detection scoring 1.01"):
         evaluate_model(small_onnx, tiny_set / "annotations.json", tiny_set / "images", class_agnostic=True,
                        log=lambda _l: None, compare=[same], fidelity_min_score=1.01)  # fmt: skip
+
+    # The floors of `eval --min-ap50/--min-fidelity` on the same report: a row is named when it is below.
+    fidelity_failures = check_floors(report, None, 0.95)
+    assert [(f.row, f.floor_name) for f in fidelity_failures] == [("onnxruntime perturbed", "fidelity")]
+    assert "onnxruntime perturbed: fidelity AP50" in fidelity_failures[0].line()
+    assert check_floors(report, None, 0.0) == []
+    # Random weights find none of the labelled objects: every row is below an AP50 floor of 0.5.
+    assert [f.row for f in check_floors(report, 0.5, None)] == list(report.results)
+    alone = evaluate_model(small_onnx, tiny_set / "annotations.json", tiny_set / "images", class_agnostic=True,
+                           max_images=1, log=lambda _l: None, fidelity_min_score=0.0)  # fmt: skip
+    with pytest.raises(UserError, match="--min-fidelity needs a row to compare"):
+        check_floors(alone, None, 0.9)
+
+
+def test_eval_gate_exit_status(small_onnx: Path, tiny_set: Path, tmp_path: Path) -> None:
+    """`eval --min-ap50 X --min-fidelity X` as a CI step: 0 when every row clears both floors, 1 naming each
+    row below, the tables and JSON written either way. The labels are the FP32 model's own confident
+    detections, so its rows can clear a high AP50 floor (random weights find none of the real objects)."""
+    same = _variant(small_onnx, tmp_path / "a", "same", None)
+    perturbed = _variant(small_onnx, tmp_path / "b", "perturbed", 0.5)
+    images = tiny_set / "images"
+    fp32 = evaluate_model(small_onnx, tiny_set / "annotations.json", images, class_agnostic=True, max_images=2,
+                          log=lambda _l: None)  # fmt: skip
+    truth = detections_as_ground_truth(json.loads((tiny_set / "annotations.json").read_text()),
+                                       fp32.detections["onnxruntime"], 0.0)  # fmt: skip
+    truth["images"] = truth["images"][:2]  # the two evaluated; their detections are all the annotations
+    labels = tmp_path / "own_detections.json"
+    labels.write_text(json.dumps(truth))
+    assert truth["annotations"]
+    base = ("eval", str(small_onnx), "--data", str(labels), "--images", str(images), "--class-agnostic",
+            "--fidelity-score", "0", "--min-ap50", "0.9", "--min-fidelity", "0.95")  # fmt: skip
+    ok = run(*base, "--compare", str(same), "--json", str(tmp_path / "ok.json"))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "ok.json").read_text())["gate"]["failed"] == []
+    bad = run(*base, "--compare", str(same), "--compare", str(perturbed), "--json", str(tmp_path / "bad.json"))
+    assert bad.returncode == 1, bad.stderr
+    named = [line for line in bad.stderr.splitlines() if line.startswith("below the floor:")]
+    assert len(named) == 2 and all("onnxruntime perturbed:" in line for line in named), bad.stderr
+    assert "Traceback" not in bad.stderr and "onnxruntime perturbed" in bad.stdout  # the table still printed
+    failed = json.loads((tmp_path / "bad.json").read_text())["gate"]["failed"]
+    assert {(f["row"], f["floor"]) for f in failed} == {("onnxruntime perturbed", "ap50"),
+                                                         ("onnxruntime perturbed", "fidelity")}  # fmt: skip

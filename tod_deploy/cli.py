@@ -650,24 +650,41 @@ def eval_cmd(
     fidelity_score: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Reference detections scoring at least this count as ground truth.")
     ] = 0.3,
+    min_ap50: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Exit 1 if any row's AP50 is below this fraction (e.g. 0.5): a CI gate."),
+    ] = None,
+    min_fidelity: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Exit 1 if any row's fidelity AP50 is below this (implies --fidelity)."),
+    ] = None,
     json_path: JsonOpt = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw a bar plot of the table to this PNG file.")] = None,
 ) -> None:
     """Tiny-object AP (AP, AP50, AP75 and the AI-TOD bins vt/t/s/m) of a model on every backend, in one table."""
+    from tod_deploy.evaluation.gate import check_floors
     from tod_deploy.evaluation.report import eval_table, fidelity_table, write_plot
     from tod_deploy.evaluation.run import evaluate_model
 
     report = evaluate_model(
         model, data, images, method, backend, max_images, class_agnostic, max_dets, checkpoint, input_size, log=log,
-        compare=compare, fidelity_min_score=fidelity_score if fidelity else None,
+        compare=compare, fidelity_min_score=fidelity_score if fidelity or min_fidelity is not None else None,
     )  # fmt: skip
+    failures = check_floors(report, min_ap50, min_fidelity)
     out.print(eval_table(report))
     agreement = fidelity_table(report)
     if agreement is not None:
         out.print(agreement)
-    write_json(json_path, report.to_dict())
+    result = report.to_dict()
+    if min_ap50 is not None or min_fidelity is not None:
+        result["gate"] = {"min_ap50": min_ap50, "min_fidelity": min_fidelity, "failed": [f.to_dict() for f in failures]}
+    write_json(json_path, result)
     if plot is not None:
         log(f"wrote {write_plot(report.results, plot, f'{report.method} on {data.name}: AP per backend (%)')}")
+    for failure in failures:
+        log(f"below the floor: {failure.line()}")
+    if failures:
+        raise typer.Exit(1)
 
 
 dataset_app = typer.Typer(
@@ -708,7 +725,9 @@ def main() -> None:
     if debug:
         sys.argv.remove(DEBUG_FLAG)
     try:
-        app(standalone_mode=False)
+        status = app(standalone_mode=False)  # typer.Exit(n) comes back as n here, not as SystemExit
+        if isinstance(status, int) and status:
+            sys.exit(status)
     except UserError as exc:
         if debug:
             raise
