@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from onnx import numpy_helper
 
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.errors import UserError
-from tod_deploy.export.pipeline import ExportResult, export_model
+from tod_deploy.export.passes import expose_tensors
+from tod_deploy.export.pipeline import ExportResult
 from tod_deploy.quant.graph import float_tensor_types, graph_roles
 from tod_deploy.quant.int8 import qdq_summary
 from tod_deploy.quant.pipeline import QuantizeResult, quantize_model
@@ -45,23 +47,15 @@ def copy_export(export: ExportResult, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cfinet_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    """A two-stage detector (CFINet: cascade RPN with DeformConv, NMS, RoiAlign, box head), small."""
-    overrides = {"input_size": "256x256", "top_k": 100}
-    return export_model("cfinet", tmp_path_factory.mktemp("cfinet"), overrides=overrides, verify=False, log=quiet)
-
-
-@pytest.fixture(scope="module")
-def dfr_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    """DFR-Det in plugin mode: tod::BinaryConv2d nodes."""
-    overrides = {"input_size": "256x256", "binary_conv": "plugin"}
-    return export_model("dfr_det", tmp_path_factory.mktemp("dfr"), overrides=overrides, verify=False, log=quiet)
-
-
-@pytest.fixture(scope="module")
 def thumbdet_int8(small_export: ExportResult, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
     src = copy_export(small_export, tmp_path_factory.mktemp("td8"))
     return quantize(src, "int8", exclude=["^node_conv2d_1[0-9]$"])
+
+
+@pytest.fixture(scope="module")
+def thumbdet_int8_ort(small_export: ExportResult, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
+    src = copy_export(small_export, tmp_path_factory.mktemp("td8ort"))
+    return quantize(src, "int8", calib_size=2, target="onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +113,8 @@ def test_fp16_keeps_post_processing_in_fp32(thumbdet_fp16: QuantizeResult) -> No
     assert types[layer.input[1]] == onnx.TensorProto.FLOAT16
 
 
-def test_fp16_two_stage_runs_and_keeps_nms_roialign_fp32(cfinet_export: ExportResult, tmp_path: Path) -> None:
-    result = quantize(copy_export(cfinet_export, tmp_path), "fp16", calib_size=1)
+def test_fp16_two_stage_runs_and_keeps_nms_roialign_fp32(small_cfinet: ExportResult, tmp_path: Path) -> None:
+    result = quantize(copy_export(small_cfinet, tmp_path), "fp16", calib_size=1)
     model = assert_runs_like_an_export(result, "fp16")
     types = float_tensor_types(model)
     for node in model.graph.node:
@@ -166,8 +160,61 @@ def test_int8_qdq_symmetric_and_where_configured(thumbdet_int8: QuantizeResult, 
             assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].dtype == np.int8
 
 
-def test_int8_two_stage(cfinet_export: ExportResult, tmp_path: Path) -> None:
-    result = quantize(copy_export(cfinet_export, tmp_path), "int8", calib_size=3)
+def optimized_ops(path: Path, tmp_path: Path) -> Counter:
+    """Op types of the graph onnxruntime runs after its QDQ fusions (its optimizer's saved model)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_int8_onnxruntime_layout_runs_integer_kernels(
+    thumbdet_int8_ort: QuantizeResult, small_export: ExportResult, tmp_path: Path
+) -> None:
+    """--target onnxruntime: Q/DQ also around the ops between layers, uint8 activations with zero points,
+    7-bit weights; onnxruntime's optimizer turns the groups into QLinear kernels."""
+    model = assert_runs_like_an_export(thumbdet_int8_ort, "int8")
+    layout = thumbdet_int8_ort.sidecar["quantization"]["layout"]
+    assert layout["target"] == "onnxruntime" and layout["weights"] == "int7 symmetric per channel"
+    summary = qdq_summary(model)
+    assert summary.nonzero_zero_points  # asymmetric uint8 activations
+    roles = graph_roles(onnx.load(str(small_export.onnx_path)))
+    kept = {roles.stem, *roles.last_layers}
+    assert set(summary.quantized_layers) == set(roles.layers) - kept
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    reading = [n for n in model.graph.node if any(t in dequantized for t in n.input)]
+    assert len([n for n in reading if n.op_type in ("Add", "Mul", "Concat", "Resize")]) > 10  # not layers only
+    assert not [n.name for n in reading if n.name in set(roles.tail)]  # post-processing reads floats
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    # reduce_range: [-64, 64], so two u8 x s8 products sum to at most 2 * 255 * 64 = 32640 < 2**15
+    assert weights and max(int(np.abs(w).max()) for w in weights) <= 64
+    ops = optimized_ops(thumbdet_int8_ort.output, tmp_path)
+    assert ops["QLinearConv"] + ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] >= len(summary.quantized_layers) // 2
+    assert ops["QLinearAdd"] > 0, ops
+    # The integer kernels compute what the file says (its DequantizeLinear -> float op -> QuantizeLinear
+    # reading), up to requantization rounding: 7-bit weights leave MLAS's 16-bit pair sums unsaturated on
+    # every x86 CPU, VNNI or not. (Measured on an AVX2-only CPU: logits 0.21 off FP32 in integer kernels,
+    # 0.20 as the file reads; the TensorRT layout's full-range weights there: 0.76 vs 0.10.)
+    images = np.full((1, 3, *thumbdet_int8_ort.sidecar["recipe"]["input_size"]), 100.0, dtype=np.float32)
+    images[..., ::7, :] = 200.0
+    logits = ["pred_logits"]
+    integer = OnnxRuntimeRunner(expose_tensors(model, logits)).run(images)["pred_logits"]
+    as_read = OnnxRuntimeRunner(expose_tensors(model, logits), optimize=False).run(images)["pred_logits"]
+    fp32 = OnnxRuntimeRunner(expose_tensors(onnx.load(str(small_export.onnx_path)), logits)).run(images)["pred_logits"]
+    integer_error, read_error = float(np.abs(integer - fp32).max()), float(np.abs(as_read - fp32).max())
+    assert 0 < integer_error < 1.5 * read_error, (integer_error, read_error)
+    # Zero points are not TensorRT's: `check --target tensorrt` names them and the flag that fixes it.
+    from tod_deploy.trt.support import check_model
+
+    report = check_model(thumbdet_int8_ort.output, "tensorrt")
+    assert not report.ok and "--target tensorrt" in json.dumps(report.to_dict())
+
+
+def test_int8_two_stage(small_cfinet: ExportResult, tmp_path: Path) -> None:
+    result = quantize(copy_export(small_cfinet, tmp_path), "int8", calib_size=3)
     model = assert_runs_like_an_export(result, "int8")
     summary = qdq_summary(model)
     assert summary.nonzero_zero_points == [] and len(summary.quantized_layers) > 50
@@ -177,8 +224,8 @@ def test_int8_two_stage(cfinet_export: ExportResult, tmp_path: Path) -> None:
     assert rms["rpn_cls_logits"] < 0.35 and rms["rpn_bbox_deltas"] < 0.35, rms
 
 
-def test_tod_nodes_stay_fp32_and_run(dfr_export: ExportResult, tmp_path: Path) -> None:
-    src = copy_export(dfr_export, tmp_path)
+def test_tod_nodes_stay_fp32_and_run(dfr_plugin_small: ExportResult, tmp_path: Path) -> None:
+    src = copy_export(dfr_plugin_small, tmp_path)
     int8 = quantize(src, "int8", calib_size=2)
     fp16 = quantize(src, "fp16", calib_size=2)
     for result, precision in ((int8, "int8"), (fp16, "fp16")):
@@ -199,7 +246,7 @@ def test_calibration_is_reproducible(small_export: ExportResult, tmp_path: Path)
     src = copy_export(small_export, tmp_path)
 
     def scales(seed: int, name: str) -> dict[str, list[float]]:
-        result = quantize(src, "int8", calib_size=8, seed=seed, output=tmp_path / name)
+        result = quantize(src, "int8", calib_size=2, seed=seed, output=tmp_path / name)
         return qdq_summary(onnx.load(str(result.output))).scales
 
     first, again, other = scales(0, "a.onnx"), scales(0, "b.onnx"), scales(1, "c.onnx")
@@ -207,8 +254,8 @@ def test_calibration_is_reproducible(small_export: ExportResult, tmp_path: Path)
     assert first != other  # another seed draws other crops: the comparison can fail
 
 
-def test_sensitivity_report(dfr_export: ExportResult, tmp_path: Path) -> None:
-    result = quantize(copy_export(dfr_export, tmp_path), "int8", calib_size=2, report=True, report_limit=8)
+def test_sensitivity_report(dfr_plugin_small: ExportResult, tmp_path: Path) -> None:
+    result = quantize(copy_export(dfr_plugin_small, tmp_path), "int8", calib_size=2, report=True, report_limit=8)
     report = result.sensitivity
     assert report.measured == 8 and report.layers > 8
     errors_ = [row.output_error for row in report.rows]

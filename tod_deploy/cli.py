@@ -590,23 +590,31 @@ def quantize_cmd(
         int | None, typer.Option(help="--report: measure only the first N layers in graph order.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sampling: same seed and set, same scales.")] = 0,
+    target: Annotated[
+        str,
+        typer.Option(
+            metavar="tensorrt|onnxruntime", help="INT8 layout: for TensorRT engines, or for onnxruntime on the CPU."
+        ),
+    ] = "tensorrt",
     output: Annotated[
         Path | None, typer.Option(help="Output file (default: <stem>.fp16.onnx / <stem>.int8.onnx).")
     ] = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """FP16 or INT8 ONNX for TensorRT 11 (strongly typed) and onnxruntime, with its error against FP32.
+    """FP16 or INT8 ONNX for TensorRT 11 (strongly typed) or onnxruntime, with its error against FP32.
 
     FP16 keeps post-processing (box decoding, TopK, NMS, RoiAlign coordinates), tod nodes and large-range
-    tensors in FP32. INT8 puts symmetric Q/DQ (zero point 0) around Conv/MatMul/Gemm, keeping the stem, the last
-    layer of each head and tod nodes in FP32. Writes <stem>.<precision>.onnx and its .json together.
+    tensors in FP32. INT8 keeps the stem, the last layer of each head, threshold inputs and tod nodes in FP32;
+    --target tensorrt puts symmetric Q/DQ (zero point 0) around Conv/MatMul/Gemm, --target onnxruntime also
+    around the adds, pooling, resizes and concats between them (uint8 activations, 7-bit weights), so that
+    onnxruntime's CPU kernels stay in integers. Writes <stem>.<precision>.onnx and its .json together.
     """
     from tod_deploy.quant.pipeline import quantize_model
     from tod_deploy.quant.report import comparison_table, sensitivity_table, suggestion_line, summary_line, to_json
 
     result = quantize_model(
         model, precision, calib, calib_size, method, tuple(exclude or ()), seed, output, report, report_limit, log=log,
-        show_progress=err.is_terminal,
+        show_progress=err.is_terminal, target=target,
     )  # fmt: skip
     out.print(comparison_table(result))
     if result.sensitivity is not None:

@@ -155,15 +155,15 @@ class BatchReader:
         self._it = iter(self.batches)
 
 
-def _calibrator(method: str, model_path: Path, augmented: Path, op_types: list[str] | None) -> Any:
+def _calibrator(method: str, model_path: Path, augmented: Path, op_types: list[str] | None, symmetric: bool) -> Any:
     from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
 
     if method == "max":
-        return MinMaxCalibrater(model_path, op_types, str(augmented), symmetric=True)
+        return MinMaxCalibrater(model_path, op_types, str(augmented), symmetric=symmetric)
     if method == "entropy":
-        return EntropyCalibrater(model_path, op_types, str(augmented), symmetric=True, num_bins=128)
+        return EntropyCalibrater(model_path, op_types, str(augmented), symmetric=symmetric, num_bins=128)
     if method == "percentile":
-        return PercentileCalibrater(model_path, op_types, str(augmented), symmetric=True, percentile=99.999)
+        return PercentileCalibrater(model_path, op_types, str(augmented), symmetric=symmetric, percentile=99.999)
     raise UserError(f"unknown calibration method {method!r}", f"use one of: {', '.join(METHODS)}")
 
 
@@ -174,8 +174,10 @@ def compute_ranges(
     op_types: list[str] | None = None,
     show_progress: bool = True,
     description: str = "calibrating",
+    symmetric: bool = True,
 ) -> Any:
-    """Activation ranges (onnxruntime ``TensorsData``) of the tensors around ``op_types`` layers (None: all).
+    """Activation ranges (onnxruntime ``TensorsData``) of the tensors around ``op_types`` nodes (None: all);
+    ``symmetric``: each range widened to [-m, m] (for zero-point-0 quantization).
 
     onnxruntime builds the augmented graph; we open its session (with the tod custom-op library when
     the model has tod nodes) and feed it the batches.
@@ -185,7 +187,7 @@ def compute_ranges(
     with tempfile.TemporaryDirectory(prefix="tod-quant-") as tmp:
         src, augmented = Path(tmp) / "model.onnx", Path(tmp) / "augmented.onnx"
         onnx.save(model, str(src))
-        calibrator = _calibrator(method, src, augmented, op_types)
+        calibrator = _calibrator(method, src, augmented, op_types, symmetric)
         calibrator.augment_graph()
         calibrator.infer_session = new_session(augmented, optimize=False)
         progress, task = progress_bar(len(batches), description, show_progress)

@@ -62,6 +62,7 @@ class GraphRoles:
     tail: list[str] = field(default_factory=list)  # post-processing nodes, graph order
     custom: list[str] = field(default_factory=list)  # tod-domain nodes
     threshold_branch: list[str] = field(default_factory=list)  # layers whose every path out goes through Sign
+    threshold_upstream: list[str] = field(default_factory=list)  # every node (any op) whose paths out all do
     binarized_upstream: list[str] = field(default_factory=list)  # nodes whose values reach a tod node's input
     op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type (all nodes)
 
@@ -102,7 +103,8 @@ def graph_roles(model: onnx.ModelProto) -> GraphRoles:
             roles.last_layers.append(node.name)
             tail |= reached
     roles.tail = [n.name for n in nodes if n.name in tail]
-    roles.threshold_branch = _threshold_branch(nodes, consumers, {o.name for o in model.graph.output})
+    roles.threshold_upstream = _threshold_branch(nodes, {o.name for o in model.graph.output})
+    roles.threshold_branch = [n for n in roles.threshold_upstream if n in set(roles.layers)]
     roles.binarized_upstream = _upstream_of(nodes, [n.input[0] for n in nodes if is_custom(n) and n.input])
     return roles
 
@@ -125,34 +127,38 @@ def _upstream_of(nodes: list[onnx.NodeProto], tensors: list[str]) -> list[str]:
     return [n.name for n in nodes if n.name in found]
 
 
-def _threshold_branch(
-    nodes: list[onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]], outputs: set[str]
-) -> list[str]:
-    """Layers that reach the graph outputs only through a ``Sign`` (a hard threshold, e.g. SR-TOD's mask).
+def _threshold_branch(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[str]:
+    """Nodes that reach the graph outputs only through a ``Sign`` (a hard threshold, e.g. SR-TOD's mask).
 
     Their error moves a threshold's input: INT8 steps (~1% of the range) flip SR-TOD's difference-map
-    mask (threshold 3/255) wholesale, so these layers stay in FP32 by default.
+    mask (threshold 3/255) wholesale, so these nodes stay in FP32 by default (layers, and with the
+    onnxruntime layout, which quantizes more than layers, the arithmetic between them too). Found by
+    walking back from the outputs twice (once stopping at Sign nodes), so whole graphs take linear time.
     """
     if not any(n.op_type == "Sign" for n in nodes):
         return []
+    producer = {out: node for node in nodes for out in node.output if out}
 
-    def reaches(start: onnx.NodeProto, through_sign: bool) -> bool:
-        queue = deque(t for t in start.output if t)
-        seen = set(queue)
+    def reaching(through_sign: bool) -> set[str]:
+        """Tensors from which some path reaches a graph output (shape-only paths do not count)."""
+        found = set(outputs)
+        queue = deque(outputs)
         while queue:
-            tensor = queue.popleft()
-            if tensor in outputs:
-                return True
-            for node in consumers.get(tensor, ()):
-                if node.op_type in SHAPE_OPS or (node.op_type == "Sign" and not through_sign):
-                    continue
-                for out in node.output:
-                    if out and out not in seen:
-                        seen.add(out)
-                        queue.append(out)
-        return False
+            node = producer.get(queue.popleft())
+            if node is None or node.op_type in SHAPE_OPS or (node.op_type == "Sign" and not through_sign):
+                continue
+            for t in node.input:
+                if t and t not in found:
+                    found.add(t)
+                    queue.append(t)
+        return found
 
-    return [n.name for n in nodes if is_layer(n) and not reaches(n, False) and reaches(n, True)]
+    direct, any_path = reaching(False), reaching(True)
+    return [
+        n.name
+        for n in nodes
+        if n.op_type != "Sign" and any(t in any_path for t in n.output) and not any(t in direct for t in n.output)
+    ]
 
 
 def _downstream(

@@ -1,11 +1,20 @@
-"""INT8: explicit QuantizeLinear/DequantizeLinear around Conv/MatMul/Gemm, as TensorRT 11 wants them.
+"""INT8: explicit QuantizeLinear/DequantizeLinear, laid out for the runtime that will run the file.
 
-onnxruntime's QDQ quantizer writes the nodes (``quantize_static``, QuantFormat.QDQ): int8
-activations and weights, both symmetric (zero point 0, which TensorRT requires), weights per
-output channel, biases left in float (TensorRT's DequantizeLinear takes no int32; it fuses the
-float bias into the INT8 convolution itself). The ranges are computed once by
-:func:`tod_deploy.quant.calibration.compute_ranges` and handed to the quantizer through its
-calibration cache, so the per-layer sensitivity pass and the final model share one calibration.
+onnxruntime's QDQ quantizer writes the nodes (``quantize_static``, QuantFormat.QDQ), weights per output
+channel, from ranges computed once by :func:`tod_deploy.quant.calibration.compute_ranges` and handed
+over through its calibration cache (so the sensitivity pass and the final model share one calibration).
+Two layouts (``--target``):
+
+* ``tensorrt``: Q/DQ around Conv/MatMul/Gemm only, int8 activations and weights, both symmetric (zero
+  point 0, which TensorRT requires), biases left in float (TensorRT's DequantizeLinear takes no int32;
+  it fuses the float bias into the INT8 convolution itself). TensorRT chooses the rest of the fusion.
+* ``onnxruntime``: what onnxruntime's CPU graph optimizer turns into integer kernels end to end:
+  Q/DQ also around the ops between layers (Add, Mul, pooling, Resize, Concat, activations), so that
+  DQ -> op -> Q groups become QLinearConv / QLinearAdd / QLinearConcat / ... and tensors stay uint8
+  between them; uint8 activations with a zero point (asymmetric, MLAS's u8s8 kernels), int32 biases
+  (QLinearConv takes them), and 7-bit weights (``reduce_range``): on x86 without VNNI, MLAS multiplies
+  u8 x s8 pairs into 16-bit sums (VPMADDUBSW) that saturate with full-range weights, so only 7-bit
+  weights give the same integers on every x86 CPU, with VNNI or without.
 """
 
 from __future__ import annotations
@@ -26,6 +35,44 @@ from tod_deploy.export.passes import IR_VERSION
 from tod_deploy.quant.graph import QUANTIZABLE_OPS
 
 CALIBRATION_METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+# Ops onnxruntime's CPU QDQ fusions run on integers (QLinear* kernels, or Q/DQ dropped around data movement).
+ONNXRUNTIME_INT8_OPS = (
+    *QUANTIZABLE_OPS, "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Concat", "Relu",
+    "Clip", "LeakyRelu", "Sigmoid", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Int8Layout:
+    """How the Q/DQ nodes of one target runtime are placed and typed (see the module docstring)."""
+
+    target: str
+    op_types: tuple[str, ...]
+    activation_type: str  # onnxruntime.quantization.QuantType member name
+    activation_symmetric: bool
+    quantize_bias: bool
+    reduce_range: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "activations": f"{'int8 symmetric' if self.activation_symmetric else 'uint8 asymmetric'}",
+            "weights": f"int{7 if self.reduce_range else 8} symmetric per channel",
+            "bias": "int32" if self.quantize_bias else "float",
+            "op_types": list(self.op_types),
+        }
+
+
+INT8_LAYOUTS = {
+    "tensorrt": Int8Layout("tensorrt", QUANTIZABLE_OPS, "QInt8", True, False, False),
+    "onnxruntime": Int8Layout("onnxruntime", ONNXRUNTIME_INT8_OPS, "QUInt8", False, True, True),
+}
+
+
+def int8_layout(target: str) -> Int8Layout:
+    if target not in INT8_LAYOUTS:
+        raise UserError(f"unknown INT8 target {target!r}", f"use --target {' or '.join(INT8_LAYOUTS)}")
+    return INT8_LAYOUTS[target]
 
 
 def qdq_quantize(
@@ -34,8 +81,9 @@ def qdq_quantize(
     nodes_to_exclude: list[str] | None = None,
     nodes_to_quantize: list[str] | None = None,
     keep_float_inputs: list[str] | None = None,
+    layout: Int8Layout = INT8_LAYOUTS["tensorrt"],
 ) -> onnx.ModelProto:
-    """A Q/DQ copy of ``model`` from precomputed ranges (onnxruntime TensorsData).
+    """A Q/DQ copy of ``model`` from precomputed ranges (onnxruntime TensorsData), in ``layout``.
 
     ``keep_float_inputs``: nodes that must read unquantized tensors (see :func:`unquantize_inputs`).
     """
@@ -61,15 +109,19 @@ def qdq_quantize(
                 str(out),
                 None,
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANTIZABLE_OPS),
+                op_types_to_quantize=list(layout.op_types),
                 per_channel=True,
-                activation_type=QuantType.QInt8,
+                reduce_range=layout.reduce_range,
+                activation_type=QuantType[layout.activation_type],
                 weight_type=QuantType.QInt8,
                 nodes_to_quantize=nodes_to_quantize or None,
                 nodes_to_exclude=nodes_to_exclude or None,
                 calibrate_method=ranges.calibration_method,
-                # bias stays float: TensorRT dequantizes int8/fp8/fp4/int4 only, not the int32 bias ORT would write
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+                extra_options={
+                    "ActivationSymmetric": layout.activation_symmetric,
+                    "WeightSymmetric": True,
+                    "QuantizeBias": layout.quantize_bias,
+                },
                 calibration_cache_path=str(cache),
             )
         finally:

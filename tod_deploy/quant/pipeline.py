@@ -24,7 +24,7 @@ from tod_deploy.artifacts import IOSpec, Sidecar
 from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.errors import UserError
 from tod_deploy.quant import calibration
-from tod_deploy.quant.graph import GraphRoles, graph_roles, match_patterns
+from tod_deploy.quant.graph import QUANTIZABLE_OPS, GraphRoles, graph_roles, match_patterns
 
 # torch, graph-surgeon and the export modules load inside the functions: a mistake on the command
 # line (bad set, bad image, bad option) is reported before those seconds of imports.
@@ -60,10 +60,17 @@ def compared_tensors(model: onnx.ModelProto, dense_only: bool = False) -> list[s
 
 
 def compare_models(
-    fp32: onnx.ModelProto, quantized: onnx.ModelProto, sidecar: Sidecar, precision: str, seeds=(0, 1, 2)
+    fp32: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    sidecar: Sidecar,
+    precision: str,
+    seeds=(0, 1, 2),
+    integer_kernels: bool = False,
 ) -> Any:
     """FP32 and quantized in onnxruntime on the same seeded inputs, by the shared comparator with the
-    precision's policy (a report, not a gate): per-tensor errors, threshold flips, detection agreement."""
+    precision's policy (a report, not a gate): per-tensor errors, threshold flips, detection agreement.
+    ``integer_kernels``: run INT8 through onnxruntime's integer kernels (its graph optimizer on), as a
+    file laid out for onnxruntime runs in deployment."""
     from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
     from tod_deploy.export.passes import expose_tensors
     from tod_deploy.export.verify import plan_for
@@ -83,10 +90,11 @@ def compare_models(
     ]  # fmt: skip
     exposed = list(dict.fromkeys([*names, *(t for s in sites for t in (s.input, s.output))]))
     ref_runner = OnnxRuntimeRunner(expose_tensors(fp32, exposed))
-    # INT8 runs as the file defines it (DequantizeLinear then float ops, what TensorRT's kernels
-    # approximate), not through onnxruntime's int8 kernels: without VNNI (an AVX2-only CPU) those
-    # saturate 16-bit partial sums and measured ThumbDet's logits 0.76 off instead of 0.115.
-    got_runner = OnnxRuntimeRunner(expose_tensors(quantized, exposed), optimize=precision != "int8")
+    # The TensorRT layout runs as the file defines it (DequantizeLinear then float ops, what TensorRT's
+    # kernels approximate), not through onnxruntime's int8 kernels: with its full-range int8 weights,
+    # those saturate 16-bit partial sums without VNNI (an AVX2-only CPU), measured: ThumbDet's logits
+    # 0.76 off instead of 0.115. The onnxruntime layout's 7-bit weights do not saturate.
+    got_runner = OnnxRuntimeRunner(expose_tensors(quantized, exposed), optimize=precision != "int8" or integer_kernels)
     got_runner.backend = f"onnxruntime {precision}"
     batch = 1 if recipe.batch == "dynamic" else int(recipe.batch)
     inputs = [verification_images(recipe, batch, seed) for seed in seeds]
@@ -124,9 +132,14 @@ def quantize_model(
     report_limit: int | None = None,
     log: Log = print,
     show_progress: bool = True,
+    target: str = "tensorrt",
 ) -> QuantizeResult:
+    """``target``: the runtime the INT8 file is laid out for (``quant.int8.INT8_LAYOUTS``); FP16 is one file."""
+    from tod_deploy.quant.int8 import int8_layout
+
     model_path = Path(model_path)
     _validate(model_path, precision, method, calib_size)
+    layout = int8_layout(target)
     if report and precision != "int8":
         raise UserError("--report measures INT8 per-layer sensitivity", "use it with --precision int8")
     if report_limit is not None and report_limit < 1:
@@ -174,8 +187,9 @@ def quantize_model(
         from tod_deploy.quant.int8 import qdq_quantize, qdq_summary
 
         ranges = calibration.compute_ranges(
-            model, batches, method, list(("Conv", "MatMul", "Gemm")), show_progress, f"calibrating ({method})"
-        )
+            model, batches, method, list(layout.op_types), show_progress, f"calibrating ({method})",
+            symmetric=layout.activation_symmetric,
+        )  # fmt: skip
         defaults = roles.default_fp32()
         keep_fp32 = {
             "stem": defaults["stem"],
@@ -186,13 +200,21 @@ def quantize_model(
             "--exclude": [n for n in regex_nodes if n in set(roles.layers)],
         }
         keep = list(dict.fromkeys(n for names in keep_fp32.values() for n in names))
-        quantized = qdq_quantize(model, ranges, nodes_to_exclude=keep, keep_float_inputs=[*keep, *roles.tail])
+        # Beyond layers (the onnxruntime layout), the arithmetic of post-processing, of a threshold's input
+        # and of a 1-bit layer's input stays float for the same reasons as the layers there.
+        keep_ops = [*roles.tail, *roles.threshold_upstream, *roles.binarized_upstream, *regex_nodes]
+        if layout.op_types != QUANTIZABLE_OPS:
+            keep = list(dict.fromkeys([*keep, *keep_ops]))
+        quantized = qdq_quantize(
+            model, ranges, nodes_to_exclude=keep, keep_float_inputs=[*keep, *roles.tail], layout=layout
+        )
         summary = qdq_summary(quantized)
-        log(f"INT8 Q/DQ: {len(summary.quantized_layers)} of {len(roles.layers)} Conv/MatMul/Gemm layers quantized")
+        log(f"INT8 Q/DQ for {layout.target}: {len(summary.quantized_layers)} of {len(roles.layers)} "
+            f"Conv/MatMul/Gemm layers quantized")  # fmt: skip
     _stamp(quantized, precision)
     onnx.checker.check_model(quantized, full_check=False)
 
-    comparison = compare_models(model, quantized, sidecar, precision)
+    comparison = compare_models(model, quantized, sidecar, precision, integer_kernels=layout.target == "onnxruntime")
 
     out_path = Path(output) if output is not None else model_path.with_name(f"{model_path.stem}.{precision}.onnx")
     if out_path.resolve() == model_path.resolve():
@@ -203,8 +225,9 @@ def quantize_model(
         "precision": precision,
         "tool": "onnxconverter-common float16" if precision == "fp16" else "onnxruntime quantize_static (QDQ)",
         "method": method if precision == "int8" else None,
-        "symmetric": precision == "int8",
+        "symmetric": precision == "int8" and layout.activation_symmetric,
         "per_channel_weights": precision == "int8",
+        "layout": layout.to_dict() if precision == "int8" else None,
         "calibration": {**cal_set.to_dict(), "samples": len(batches) * batch, "seed": seed},
         "exclude_patterns": by_regex,
         "kept_fp32": keep_fp32,

@@ -46,7 +46,8 @@ UNSUPPORTED_FIXES = {
 }
 GENERIC_FIX = "rewrite it with supported ops (onnx-graphsurgeon) or register a TensorRT plugin named '{op}'"
 QDQ_FIX = (
-    "quantize symmetrically to int8 (zero point 0): ModelOpt int8, or onnxruntime quantize_static with "
+    "quantize symmetrically to int8 (zero point 0): tod-deploy quantize --precision int8 --target tensorrt, "
+    "ModelOpt int8, or onnxruntime quantize_static with "
     "activation_type=QuantType.QInt8, weight_type=QuantType.QInt8 and extra_options={'ActivationSymmetric': True}"
 )
 DTYPE_NAMES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()} | {
