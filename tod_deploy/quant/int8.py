@@ -52,6 +52,7 @@ class Int8Layout:
     activation_symmetric: bool
     quantize_bias: bool
     reduce_range: bool
+    between_layers: bool  # Q/DQ also on the ops between layers: the runtime fuses each DQ -> op -> Q group
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,8 +65,8 @@ class Int8Layout:
 
 
 INT8_LAYOUTS = {
-    "tensorrt": Int8Layout("tensorrt", QUANTIZABLE_OPS, "QInt8", True, False, False),
-    "onnxruntime": Int8Layout("onnxruntime", ONNXRUNTIME_INT8_OPS, "QUInt8", False, True, True),
+    "tensorrt": Int8Layout("tensorrt", QUANTIZABLE_OPS, "QInt8", True, False, False, False),
+    "onnxruntime": Int8Layout("onnxruntime", ONNXRUNTIME_INT8_OPS, "QUInt8", False, True, True, True),
 }
 
 

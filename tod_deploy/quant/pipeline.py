@@ -24,7 +24,7 @@ from tod_deploy.artifacts import IOSpec, Sidecar
 from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.errors import UserError
 from tod_deploy.quant import calibration
-from tod_deploy.quant.graph import QUANTIZABLE_OPS, GraphRoles, graph_roles, match_patterns
+from tod_deploy.quant.graph import GraphRoles, graph_roles, match_patterns
 
 # torch, graph-surgeon and the export modules load inside the functions: a mistake on the command
 # line (bad set, bad image, bad option) is reported before those seconds of imports.
@@ -200,13 +200,19 @@ def quantize_model(
             "--exclude": [n for n in regex_nodes if n in set(roles.layers)],
         }
         keep = list(dict.fromkeys(n for names in keep_fp32.values() for n in names))
-        # Beyond layers (the onnxruntime layout), the arithmetic of post-processing, of a threshold's input
-        # and of a 1-bit layer's input stays float for the same reasons as the layers there.
-        keep_ops = [*roles.tail, *roles.threshold_upstream, *roles.binarized_upstream, *regex_nodes]
-        if layout.op_types != QUANTIZABLE_OPS:
-            keep = list(dict.fromkeys([*keep, *keep_ops]))
+        reads_float = [*keep, *roles.tail]
+        if layout.between_layers:
+            # The arithmetic of post-processing, of a threshold's input and of a 1-bit layer's input stays
+            # float for the same reasons as the layers there. Only what feeds a decision (or was excluded by
+            # name) reads the unquantized tensor: a kept last layer or a RoiAlign reading a quantized layer's
+            # output through its DequantizeLinear leaves that layer ending in a QuantizeLinear alone, which
+            # onnxruntime needs to run it as QLinearConv (measured: BH's RPN convs, 9.7 GMAC on P2 alone,
+            # stayed float Conv otherwise).
+            decisions = [*roles.threshold_upstream, *roles.binarized_upstream, *roles.custom, *regex_nodes]
+            keep = list(dict.fromkeys([*keep, *roles.tail, *decisions]))
+            reads_float = decisions
         quantized = qdq_quantize(
-            model, ranges, nodes_to_exclude=keep, keep_float_inputs=[*keep, *roles.tail], layout=layout
+            model, ranges, nodes_to_exclude=keep, keep_float_inputs=list(dict.fromkeys(reads_float)), layout=layout
         )
         summary = qdq_summary(quantized)
         log(f"INT8 Q/DQ for {layout.target}: {len(summary.quantized_layers)} of {len(roles.layers)} "
