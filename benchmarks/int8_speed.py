@@ -1,18 +1,21 @@
-"""INT8 Q/DQ vs FP32 in onnxruntime CPU, measured side by side (interleaved rounds) in one run.
+"""INT8 Q/DQ vs FP32 in onnxruntime CPU, both layouts, measured side by side (interleaved rounds) in one run.
 
-Models: ThumbDet 4x at the recipe's size (800x1333) and SR-TOD Faster R-CNN (AI-TOD preset,
-800x800 by default; --sr-tod-size to change). Each is exported with seeded weights, quantized with
-`tod-deploy quantize --precision int8` defaults (calibration/photos, max, stem and head ends in FP32),
-then both files are timed in alternating rounds (tod_deploy.bench.timing.time_interleaved).
+Models (``--only`` picks some): ThumbDet 4x, SR-TOD Faster R-CNN, BH (BH-ResNet50) Faster R-CNN, CFINet and
+1-bit DFR-Det FCOS, at ``--size`` (default 800x800; ThumbDet at its recipe's 800x1333 unless --size).
+Each is exported once (seeded weights, or ``--checkpoints DIR`` holding ``<model>.pth`` from
+benchmarks/train_synthetic.py), quantized with ``tod-deploy quantize --precision int8 --target T`` for each
+``--targets`` layout (calibration/photos, max), and the FP32 file and every INT8 file are timed in
+alternating rounds (tod_deploy.bench.timing.time_interleaved). The CPU is named in the output.
 
-Why the ratio is what it is: onnxruntime runs a DequantizeLinear -> Conv -> QuantizeLinear group as
-one integer QLinearConv only when its graph optimizer recognizes the pattern; every Q/DQ left over
-is extra float work. The script lists, per model, the op types of onnxruntime's *optimized* graph
-(QLinearConv / QLinearMatMul counts vs remaining float Conv/MatMul and Q/DQ) and, with --profile,
-the time per op type from onnxruntime's profiler.
+Why a ratio is what it is: onnxruntime runs a DequantizeLinear -> op -> QuantizeLinear group as one
+integer kernel (QLinearConv, QLinearAdd, ...) only when its graph optimizer recognizes the group; every
+Q/DQ left over is extra float work, and float ops between layers (the TensorRT layout leaves them float)
+cost a DequantizeLinear/QuantizeLinear pair each. The script lists, per file, the op types of
+onnxruntime's *optimized* graph and, with --profile (or a ratio under 1.3x), the time per op type.
 
-Usage: python benchmarks/int8_speed.py [--iters 10] [--warmup 2] [--threads N] [--sr-tod-size 800x800]
-                                       [--only thumbdet|sr_tod] [--profile] [--out DIR] [--json FILE]
+Usage: python benchmarks/int8_speed.py [--only thumbdet,sr_tod,bh,cfinet,dfr_det] [--targets onnxruntime,tensorrt]
+                                       [--size 800x800] [--iters 10] [--warmup 2] [--threads N]
+                                       [--checkpoints DIR] [--profile] [--out DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from pathlib import Path
 
 import onnx
 
+from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.bench.timing import time_interleaved
+from tod_deploy.environment import environment
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.parity.comparator import verification_images
 from tod_deploy.quant.pipeline import quantize_model
@@ -39,11 +44,21 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def plain_options(path: Path):
+    """Session options that also run tod::BinaryConv2d nodes (their custom-op library registered)."""
+    import onnxruntime as ort
+
+    from tod_deploy.ops.ort_binary_conv import session_options, uses_binary_conv
+
+    binary = uses_binary_conv(onnx.load(str(path), load_external_data=False))
+    return session_options() if binary else ort.SessionOptions()
+
+
 def optimized_ops(path: Path, threads: int, workdir: Path) -> Counter:
     """Op types of the graph onnxruntime actually runs (after its QDQ fusions)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = plain_options(path)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.optimized_model_filepath = str(workdir / f"{path.stem}.optimized.onnx")
@@ -56,7 +71,7 @@ def profile_by_op(path: Path, images, threads: int, runs: int, workdir: Path) ->
     """Milliseconds per run spent in each op type (onnxruntime's profiler, node events)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = plain_options(path)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.enable_profiling = True
@@ -74,49 +89,67 @@ def profile_by_op(path: Path, images, threads: int, runs: int, workdir: Path) ->
     return {op: ms / (runs + 1) for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
-def measure(name: str, fp32_path: Path, args: argparse.Namespace, threads: int, workdir: Path) -> dict:
-    t0 = time.perf_counter()
-    result = quantize_model(fp32_path, "int8", log=log, show_progress=False)
-    quantize_s = time.perf_counter() - t0
+# name -> (method, export overrides); --size replaces input_size (ThumbDet keeps its recipe size otherwise)
+MODELS = {
+    "thumbdet": ("thumbdet", {}),
+    "sr_tod": ("sr_tod", {"model": {"detector": "faster_rcnn"}}),
+    "bh": ("bh", {"model": {"backbone": "bh_resnet50", "detector": "faster_rcnn"}}),
+    "cfinet": ("cfinet", {}),
+    "dfr_det": ("dfr_det", {"model": {"detector": "fcos"}}),
+}
+KEYS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul", "QLinearConcat",
+        "QLinearAveragePool", "QLinearSigmoid", "Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm",
+        "QuantizeLinear", "DequantizeLinear", "BinaryConv2d")  # fmt: skip
+
+
+def measure(name: str, fp32_path: Path, args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """One row per INT8 layout: FPS of FP32 and INT8 timed in alternating rounds, the optimized graph's ops."""
+    files, info = {"fp32": fp32_path}, {}
+    for target in args.targets.split(","):
+        t0 = time.perf_counter()
+        out = fp32_path.with_name(f"{fp32_path.stem}.int8-{target}.onnx")
+        result = quantize_model(fp32_path, "int8", target=target, output=out, log=log, show_progress=False)
+        files[target] = result.output
+        info[target] = {"quantize_seconds": round(time.perf_counter() - t0, 1), "comparison": result.comparison}
     sidecar = json.loads(fp32_path.with_suffix(".json").read_text())
-    images = verification_images(sidecar.recipe, 1, seed=1)
-    fp32 = OnnxRuntimeRunner(onnx.load(str(fp32_path)), threads)
-    int8 = OnnxRuntimeRunner(onnx.load(str(result.output)), threads)
-    timings = time_interleaved(
-        {"fp32": lambda: fp32.run(images), "int8": lambda: int8.run(images)}, 1, args.warmup, args.iters, None
-    )
-    stats = {k: t.stats() for k, t in timings.items()}
-    ratio = stats["int8"]["fps"] / stats["fp32"]["fps"]
-    ops_fp32, ops_int8 = optimized_ops(fp32_path, threads, workdir), optimized_ops(result.output, threads, workdir)
-    keys = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "Conv", "MatMul", "FusedConv", "FusedMatMul")
-    keys += ("QuantizeLinear", "DequantizeLinear", "QGemm", "Gemm")
-    out = {
-        "model": name,
-        "input": list(sidecar.recipe.input_size),
-        "quantize_seconds": round(quantize_s, 1),
-        "fp32": stats["fp32"],
-        "int8": stats["int8"],
-        "fps_ratio_int8_over_fp32": ratio,
-        "optimized_graph_ops": {
-            "fp32": {k: ops_fp32[k] for k in keys if ops_fp32[k]},
-            "int8": {k: ops_int8[k] for k in keys if ops_int8[k]},
-        },
-        "comparison": result.comparison.to_dict(),
-    }
-    if args.profile or ratio < 1.5:
-        out["profile_ms_per_run"] = {
-            "fp32": profile_by_op(fp32_path, images, threads, 2, workdir),
-            "int8": profile_by_op(result.output, images, threads, 2, workdir),
+    images = verification_images(Sidecar(sidecar).recipe, 1, seed=1)
+    runners = {key: OnnxRuntimeRunner(onnx.load(str(path)), args.threads) for key, path in files.items()}
+    calls = {key: (lambda r=runner: r.run(images)) for key, runner in runners.items()}
+    stats = {k: t.stats() for k, t in time_interleaved(calls, 1, args.warmup, args.iters, None).items()}
+    ops = {key: optimized_ops(path, args.threads, workdir) for key, path in files.items()}
+    rows = []
+    for target in info:
+        detections = info[target]["comparison"].detections
+        row = {
+            "model": name,
+            "layout": target,
+            "input": list(sidecar["recipe"]["input_size"]),
+            "quantize_seconds": info[target]["quantize_seconds"],
+            "fp32": stats["fp32"],
+            "int8": stats[target],
+            "fps_ratio_int8_over_fp32": stats[target]["fps"] / stats["fp32"]["fps"],
+            "detections_matched": None if detections is None else detections.matched_fraction(),
+            "optimized_graph_ops": {
+                "fp32": {k: ops["fp32"][k] for k in KEYS if ops["fp32"][k]},
+                "int8": {k: ops[target][k] for k in KEYS if ops[target][k]},
+            },
         }
-    return out
+        if args.profile or row["fps_ratio_int8_over_fp32"] < 1.3:
+            row["profile_ms_per_run"] = {
+                "fp32": profile_by_op(fp32_path, images, args.threads, 2, workdir),
+                "int8": profile_by_op(files[target], images, args.threads, 2, workdir),
+            }
+        rows.append(row)
+    return rows
 
 
 def print_row(r: dict) -> None:
     h, w = r["input"]
+    matched = "-" if r["detections_matched"] is None else f"{100 * r['detections_matched']:.0f}%"
     print(
-        f"{r['model']:<24} {h}x{w:<6} fp32 {r['fp32']['fps']:6.2f} FPS ({r['fp32']['median_ms']:7.1f} ms)  "
-        f"int8 {r['int8']['fps']:6.2f} FPS ({r['int8']['median_ms']:7.1f} ms)  "
-        f"ratio {r['fps_ratio_int8_over_fp32']:.2f}x"
+        f"{r['model']:<9} {r['layout']:<12} {h}x{w:<5} fp32 {r['fp32']['median_ms']:8.1f} ms  "
+        f"int8 {r['int8']['median_ms']:8.1f} ms  ratio {r['fps_ratio_int8_over_fp32']:.2f}x  "
+        f"detections matched {matched}"
     )
     print(f"    onnxruntime's optimized graph: fp32 {r['optimized_graph_ops']['fp32']}")
     print(f"                                   int8 {r['optimized_graph_ops']['int8']}")
@@ -128,32 +161,40 @@ def print_row(r: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(MODELS))
+    parser.add_argument("--targets", default="onnxruntime,tensorrt")
+    parser.add_argument("--size", default=None, help="HxW for every model (default 800x800, ThumbDet its recipe's)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--sr-tod-size", default="800x800")
-    parser.add_argument("--only", choices=("thumbdet", "sr_tod"), default=None)
-    parser.add_argument("--profile", action="store_true", help="Profile by op type even when the ratio is >= 1.5x.")
+    parser.add_argument("--checkpoints", type=Path, default=None, help="Folder of <model>.pth (train_synthetic.py).")
+    parser.add_argument("--profile", action="store_true", help="Profile by op type whatever the ratio.")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="int8-bench-"))
     out.mkdir(parents=True, exist_ok=True)
+    print(f"CPU: {environment()['cpu']}, {args.threads} threads, onnxruntime {ort_version()}")
     rows = []
-    if args.only in (None, "thumbdet"):
-        log("export ThumbDet 4x (recipe size) ...")
-        thumbdet = export_model("thumbdet", out, verify=False, log=log)
-        rows.append(measure("ThumbDet 4x", thumbdet.onnx_path, args, args.threads, out))
-        print_row(rows[-1])
-    if args.only in (None, "sr_tod"):
-        log(f"export SR-TOD Faster R-CNN ({args.sr_tod_size}) ...")
-        overrides = {"input_size": args.sr_tod_size, "model": {"detector": "faster_rcnn"}}
-        sr_tod = export_model("sr_tod", out, overrides=overrides, verify=False, log=log)
-        rows.append(measure("SR-TOD Faster R-CNN", sr_tod.onnx_path, args, args.threads, out))
-        print_row(rows[-1])
+    for name in args.only.split(","):
+        method, overrides = MODELS[name]
+        size = args.size or (None if name == "thumbdet" else "800x800")
+        overrides = {**overrides, **({"input_size": size} if size else {})}
+        checkpoint = args.checkpoints / f"{name}.pth" if args.checkpoints else None
+        log(f"export {name} ...")
+        export = export_model(method, out, checkpoint, overrides=overrides, verify=False, name=name, log=log)
+        rows += measure(name, export.onnx_path, args, out)
+        for row in rows[-len(args.targets.split(",")) :]:
+            print_row(row)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
         log(f"wrote {args.json}")
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 if __name__ == "__main__":

@@ -1,0 +1,228 @@
+"""Train a method's model briefly on the synthetic tiny-object set, on the CPU, and write its checkpoint
+in the upstream layout: models whose AP means something, to measure precision and backends on.
+
+A tool, not a user command. Each run:
+
+1. writes (once, into the cache) a training and a held-out synthetic set (``make-dataset synthetic``:
+   objects of 2-64 px on photo crops, one class) at the model's input size;
+2. builds the method's *training form* (``build_training_model``: teacher, decoder, imitation head
+   included) with one class, or resumes it from the cache's checkpoint (``--resume``), read back through
+   the same loader a user's checkpoint goes through;
+3. optimizes the method's own training losses (``training_losses``) for ``--minutes``, printing the
+   loss curve; SGD with warm-up for the mmdet-style detectors, AdamW for Deformable-DETR (as their
+   trainers do), random horizontal flips;
+4. writes ``<cache>/<model>.pth`` as the upstream trainer would: mmcv 1.x ``save_checkpoint``
+   (``meta`` with ``CLASSES``, ``state_dict``, ``optimizer``) for CFINet, BH and DFR-Det, mmengine's
+   for SR-TOD (``meta.dataset_meta``, ``state_dict``, ``optimizer``, ``message_hub``), Deformable-DETR's
+   ``main.py`` for ThumbDet (``model`` = the student, ``optimizer``, ``lr_scheduler``, ``epoch``, ``args``),
+   plus ``<model>.log.json`` (loss curve, AP per evaluation);
+5. exports the checkpoint (``tod-deploy export --checkpoint``'s code, parity check included) and evaluates
+   the export on the held-out set on torch and onnxruntime (``tod-deploy eval``'s code): AP, AP50, bins.
+
+The same checkpoint then exports with ``tod-deploy export --checkpoint <cache>/<model>.pth`` and
+``tod-deploy eval`` shows real AP per backend; benchmarks/int8_speed.py takes ``--checkpoints <cache>``.
+
+Usage: python benchmarks/train_synthetic.py --model bh [--minutes 20] [--size 256x256] [--resume]
+                                            [--images 200] [--val 50] [--batch 2] [--lr X] [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tod_deploy.evaluation.datasets import load_coco, load_image
+from tod_deploy.evaluation.run import evaluate_model
+from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES, generate_synthetic
+from tod_deploy.export.pipeline import export_model
+from tod_deploy.models import build_training_model
+from tod_deploy.recipes import load_recipe
+
+# name -> (method, recipe overrides, optimizer, base lr); the trainers' own choices, lr scaled to batch 2
+MODELS: dict[str, tuple[str, dict[str, Any], str, float]] = {
+    "thumbdet": ("thumbdet", {}, "adamw", 2e-4),
+    "sr_tod": ("sr_tod", {"model": {"detector": "faster_rcnn"}}, "sgd", 0.01),
+    "bh": ("bh", {"model": {"backbone": "bh_hrnet18", "detector": "fcos"}}, "sgd", 0.01),
+    "bh_frcnn": ("bh", {"model": {"backbone": "bh_resnet50", "detector": "faster_rcnn"}}, "sgd", 0.01),
+    "cfinet": ("cfinet", {}, "sgd", 0.01),
+    "dfr_det": ("dfr_det", {"model": {"detector": "fcos"}}, "adamw", 1e-3),
+}
+CLASSES = ("object",)  # the synthetic set's one category
+WARMUP_STEPS = 100
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tod-deploy" / "train_synthetic"
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def synthetic_split(root: Path, images: int, seed: int, size_hw: tuple[int, int]) -> Path:
+    """A synthetic set at the model's input size, made once (same seed, same bytes)."""
+    if not (root / ANNOTATIONS).is_file():
+        generate_synthetic(root, images=images, seed=seed, size_hw=size_hw)
+    return root
+
+
+def load_split(root: Path, size_hw: tuple[int, int], normalized_cxcywh: bool) -> list[tuple[torch.Tensor, dict]]:
+    """(image [3, H, W] 0..255, target) pairs; targets as the method's loss reads them (pixels xyxy,
+    or Deformable-DETR's normalized cx, cy, w, h)."""
+    coco = load_coco(root / ANNOTATIONS, root / IMAGES)
+    per_image: dict[int, list[list[float]]] = {}
+    for ann in coco.subset()["annotations"]:
+        per_image.setdefault(ann["image_id"], []).append(ann["bbox"])
+    samples = []
+    for image in coco.images:
+        pixels, mapping = load_image(coco.image_path(image), size_hw)
+        scale = np.array([mapping.scale_x, mapping.scale_y] * 2, dtype=np.float32)
+        xywh = np.asarray(per_image.get(image["id"], []), dtype=np.float32).reshape(-1, 4) * scale
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        samples.append((torch.from_numpy(pixels), boxes))
+    h, w = size_hw
+    out = []
+    for pixels, boxes in samples:
+        if normalized_cxcywh:
+            cxcywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
+            boxes = cxcywh / np.array([w, h, w, h], dtype=np.float32)
+        out.append((pixels, {"boxes": torch.from_numpy(boxes), "labels": torch.zeros(len(boxes), dtype=torch.int64)}))
+    return out
+
+
+def flipped(pixels: torch.Tensor, target: dict, normalized_cxcywh: bool) -> tuple[torch.Tensor, dict]:
+    boxes = target["boxes"].clone()
+    width = 1.0 if normalized_cxcywh else float(pixels.shape[-1])
+    if normalized_cxcywh:
+        boxes[:, 0] = width - boxes[:, 0]
+    else:
+        boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+    return pixels.flip(-1), {"boxes": boxes, "labels": target["labels"]}
+
+
+def save_checkpoint(path: Path, name: str, model: Any, optimizer: Any, step: int, args: argparse.Namespace) -> None:
+    """The checkpoint as the method's upstream trainer writes it (see the module docstring)."""
+    method = MODELS[name][0]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.partial")
+    if method == "thumbdet":
+        student = {k: v.detach().clone() for k, v in model.student.state_dict().items()}
+        upstream_args = argparse.Namespace(lr=args.lr, batch_size=args.batch, dataset_file="coco", num_classes=1)
+        payload = {"model": student, "optimizer": optimizer.state_dict(), "lr_scheduler": {"last_epoch": step},
+                   "epoch": step, "args": upstream_args}  # fmt: skip
+    elif method == "sr_tod":
+        meta = {"epoch": 1, "iter": step, "dataset_meta": {"classes": CLASSES}, "mmengine_version": "0.10.7"}
+        payload = {"meta": meta, "state_dict": state, "optimizer": optimizer.state_dict(),
+                   "message_hub": {"runtime_info": {"iter": step, "dataset_meta": {"classes": CLASSES}}}}  # fmt: skip
+    else:
+        meta = {"CLASSES": CLASSES, "epoch": 1, "iter": step, "mmdet_version": "2.25.1", "mmcv_version": "1.7.1"}
+        payload = {"meta": meta, "state_dict": state, "optimizer": optimizer.state_dict()}
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    torch.save(optimizer.state_dict(), optimizer_path(path))  # for --resume, read without unpickling objects
+
+
+def optimizer_path(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".optimizer.pt")
+
+
+def held_out_ap50(method: str, checkpoint: Path, overrides: dict[str, Any], val: Path) -> dict[str, Any]:
+    """As a user goes on: ``export --checkpoint`` (with its parity check), then ``eval`` on torch and onnxruntime."""
+    export = export_model(method, checkpoint.parent / "export", checkpoint, overrides=overrides,
+                          name=checkpoint.stem, log=lambda _l: None)  # fmt: skip
+    report = evaluate_model(export.onnx_path, val / ANNOTATIONS, val / IMAGES, backends="torch,onnxruntime",
+                            log=lambda _l: None)  # fmt: skip
+    return {backend: {k: metrics[k] for k in ("AP", "AP50", "APvt", "APt", "APs")}
+            for backend, metrics in report.results.items()}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), required=True)
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--size", default="256x256")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--val", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--resume", action="store_true", help="Continue from <cache>/<model>.pth.")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    method, extra, optimizer_name, base_lr = MODELS[args.model]
+    args.lr = args.lr or base_lr
+    size_hw = tuple(int(v) for v in args.size.split("x"))
+    data = args.cache / f"data-{args.size}"
+    train_set = synthetic_split(data / "train", args.images, 1, size_hw)
+    val_set = synthetic_split(data / "val", args.val, 2, size_hw)
+    overrides = {**extra, "input_size": args.size, "classes": list(CLASSES),
+                 "model": {**extra.get("model", {}), "num_classes": 1}}  # fmt: skip
+    recipe = load_recipe(method, None, overrides)
+    checkpoint = args.cache / f"{args.model}.pth"
+    history_path = checkpoint.with_suffix(".log.json")
+    resume = args.resume and checkpoint.is_file()
+    model, _ = build_training_model(recipe, checkpoint if resume else None, args.seed, log)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    else:
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    history = json.loads(history_path.read_text()) if resume and history_path.is_file() else {"loss": [], "eval": []}
+    step = history["loss"][-1]["step"] if history["loss"] else 0
+    if resume:
+        optimizer.load_state_dict(torch.load(optimizer_path(checkpoint), map_location="cpu", weights_only=True))
+    cxcywh = method == "thumbdet"
+    samples = load_split(train_set, size_hw, cxcywh)
+    log(f"{args.model}: {method} {args.size}, {len(samples)} training images, {optimizer_name} lr {args.lr}, "
+        f"{'resumed at step ' + str(step) if resume else 'from seeded weights'}, {args.minutes} min")  # fmt: skip
+    rng = np.random.default_rng(args.seed + step)
+    start, last_print, running = time.perf_counter(), 0.0, {}
+    while time.perf_counter() - start < 60 * args.minutes:
+        picks = rng.choice(len(samples), size=args.batch, replace=False)
+        batch = [samples[i] if rng.random() < 0.5 else flipped(*samples[i], cxcywh) for i in picks]
+        images = torch.stack([b[0] for b in batch])
+        lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = model.training_losses(images, [b[1] for b in batch])
+        total = sum(losses.values())
+        if not math.isfinite(float(total.detach())):
+            log(f"step {step}: loss is {float(total.detach())}; stopping (lower --lr)")
+            break
+        optimizer.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 35.0)  # mmdet's grad_clip for detectors trained from scratch
+        optimizer.step()
+        step += 1
+        for k, v in losses.items():
+            running[k] = running.get(k, 0.0) + float(v.detach())
+        running["count"] = running.get("count", 0) + 1
+        elapsed = time.perf_counter() - start
+        if elapsed - last_print > 60 or elapsed >= 60 * args.minutes:
+            count = running.pop("count")
+            means = {k: round(v / count, 4) for k, v in running.items()}
+            history["loss"].append({"step": step, "seconds": round(elapsed), **means})
+            log(f"step {step:5d} {elapsed / 60:5.1f} min  loss {sum(means.values()):.4f}  " +
+                " ".join(f"{k} {v:.3f}" for k, v in means.items()))  # fmt: skip
+            running, last_print = {}, elapsed
+    save_checkpoint(checkpoint, args.model, model, optimizer, step, args)
+    metrics = held_out_ap50(method, checkpoint, overrides, val_set)
+    history["eval"].append({"step": step, **metrics})
+    history_path.write_text(json.dumps(history, indent=2) + "\n")
+    print(f"{args.model}: {step} steps; wrote {checkpoint}; held-out set ({args.val} images):")
+    for backend, values in metrics.items():
+        shown = " ".join(f"{k} {'-' if v is None else f'{100 * v:.1f}'}" for k, v in values.items())
+        print(f"  {backend:12s} {shown}")
+
+
+if __name__ == "__main__":
+    main()
