@@ -160,8 +160,13 @@ def test_mask_is_bit_identical_including_the_half_case(tmp_path: Path, threshold
 
 
 @pytest.mark.parametrize(
-    "detector", ["faster_rcnn", pytest.param("cascade_rcnn", marks=pytest.mark.slow), "retinanet"]
-)  # cascade: Faster R-CNN's RPN and RoI stages three times over (test_full_size exports it too)
+    "detector",
+    [
+        "faster_rcnn",
+        pytest.param("cascade_rcnn", marks=pytest.mark.slow),  # the RoI stage three times; test_full_size too
+        "retinanet",
+    ],
+)
 def test_export_parity_per_detector(tmp_path: Path, detector: str) -> None:
     model, _ = build_training_model(recipe(detector), None, log=quiet)
     if detector == "retinanet":  # random heads score below 0.05; make some detections to compare
