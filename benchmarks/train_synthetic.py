@@ -109,12 +109,12 @@ def flipped(pixels: torch.Tensor, target: dict, normalized_cxcywh: bool) -> tupl
 def save_checkpoint(path: Path, name: str, model: Any, optimizer: Any, step: int, args: argparse.Namespace) -> None:
     """The checkpoint as the method's upstream trainer writes it (see the module docstring)."""
     method = MODELS[name][0]
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.partial")
+    # Deformable-DETR's main.py saves the model it trains (the student); mmdet trainers the whole detector.
+    state = {k: v.detach().clone() for k, v in (model.student if method == "thumbdet" else model).state_dict().items()}
     if method == "thumbdet":
-        student = {k: v.detach().clone() for k, v in model.student.state_dict().items()}
         upstream_args = argparse.Namespace(lr=args.lr, batch_size=args.batch, dataset_file="coco", num_classes=1)
-        payload = {"model": student, "optimizer": optimizer.state_dict(), "lr_scheduler": {"last_epoch": step},
+        payload = {"model": state, "optimizer": optimizer.state_dict(), "lr_scheduler": {"last_epoch": step},
                    "epoch": step, "args": upstream_args}  # fmt: skip
     elif method == "sr_tod":
         meta = {"epoch": 1, "iter": step, "dataset_meta": {"classes": CLASSES}, "mmengine_version": "0.10.7"}

@@ -52,7 +52,11 @@ class Int8Layout:
     activation_symmetric: bool
     quantize_bias: bool
     reduce_range: bool
-    between_layers: bool  # Q/DQ also on the ops between layers: the runtime fuses each DQ -> op -> Q group
+
+    @property
+    def between_layers(self) -> bool:
+        """Q/DQ also on the ops between layers: the runtime fuses each DQ -> op -> Q group."""
+        return self.op_types != QUANTIZABLE_OPS
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,8 +69,8 @@ class Int8Layout:
 
 
 INT8_LAYOUTS = {
-    "tensorrt": Int8Layout("tensorrt", QUANTIZABLE_OPS, "QInt8", True, False, False, False),
-    "onnxruntime": Int8Layout("onnxruntime", ONNXRUNTIME_INT8_OPS, "QUInt8", False, True, True, True),
+    "tensorrt": Int8Layout("tensorrt", QUANTIZABLE_OPS, "QInt8", True, False, False),
+    "onnxruntime": Int8Layout("onnxruntime", ONNXRUNTIME_INT8_OPS, "QUInt8", False, True, True),
 }
 
 
