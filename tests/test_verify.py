@@ -159,6 +159,27 @@ def test_nms_near_tie_is_excused_but_a_real_swap_is_not() -> None:
     assert agreement.near_ties == 0 and not agreement.ok
 
 
+def test_nms_iou_tie_is_excused_but_a_clear_overlap_is_not() -> None:
+    # Reference kept B (0.3): its IoU with A (0.9) is 0.49997, under the NMS threshold 0.5. The candidate's
+    # boxes, off by rounding, put it at the threshold and suppressed B: an IoU tie, not a score tie.
+    ref = _dets([[0, 0, 10, 10], [3.3336, 0, 13.3336, 10], [90, 90, 99, 99]], [0.9, 0.3, 0.1], [1, 1, 2])
+    got = _dets([[0, 0, 10, 10], [90, 90, 99, 99]], [0.9, 0.1], [1, 2])
+    agreement = _agree(ref, got, nms_iou=0.5)
+    assert agreement.checked == 2 and agreement.matched == 1 and agreement.near_ties == 1 and agreement.ok
+    clear = _dets([[0, 0, 10, 10], [4, 0, 14, 10], [90, 90, 99, 99]], [0.9, 0.3, 0.1], [1, 1, 2])  # IoU 0.43
+    agreement = _agree(clear, got, nms_iou=0.5)
+    assert agreement.near_ties == 0 and not agreement.ok
+
+
+def test_coinciding_boxes_match_by_score() -> None:
+    # Clipped to the image, two proposals can be the same box; each reference one has its own partner.
+    full = [0, 0, 512, 512]
+    ref = _dets([full, full, [90, 90, 99, 99]], [0.99, 0.36, 0.1], [1, 1, 1])
+    got = _dets([full, full, [90, 90, 99, 99]], [0.99, 0.36, 0.1], [1, 1, 1])
+    agreement = _agree(ref, got, nms_iou=0.7)
+    assert agreement.checked == 2 and agreement.matched == 2 and agreement.near_ties == 0
+
+
 def test_verify_catches_a_corrupted_weight(small_onnx: Path) -> None:
     model = onnx.load(str(small_onnx))
     target = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size if t.data_type == 1 else 0)

@@ -122,9 +122,18 @@ def selection_floor(kept_scores: np.ndarray, threshold: float, policy: ParityPol
     return max(last, threshold) + policy.selection_margin
 
 
+# IoU of two boxes whose corners agree to box tolerance (1e-3 px at 512) moves by ~1e-3 / width: 1e-3 covers
+# boxes down to about a pixel wide.
+NMS_IOU_MARGIN = 1e-3
+
+
 def nms_near_tie(ious: np.ndarray, scores: np.ndarray, score: float, nms_iou: float, policy: ParityPolicy) -> bool:
-    """Could NMS have kept another box in this one's place? (an overlapping box, its score within the margin)"""
-    return bool(np.any((ious >= nms_iou - 0.01) & (np.abs(scores - score) <= policy.selection_margin)))
+    """Could NMS have decided this box either way? Either an overlapping box scores within the margin
+    (which of the two survives is a score tie), or a higher-scoring box overlaps it at an IoU within
+    ``NMS_IOU_MARGIN`` of the NMS threshold (whether it is suppressed is an IoU tie)."""
+    score_tie = (ious >= nms_iou - 0.01) & (np.abs(scores - score) <= policy.selection_margin)
+    iou_tie = (np.abs(ious - nms_iou) <= NMS_IOU_MARGIN) & (scores >= score - policy.selection_margin)
+    return bool(np.any(score_tie | iou_tie))
 
 
 # --- finding the sites in a graph ---------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Each reference detection clear of a selection boundary (decisions.selection_floor) must have a
 candidate with the same label, IoU at least ``min_iou`` (or every coordinate within ``box_atol``
-pixels: a box a pixel wide loses 1% IoU to 0.005 px of rounding) and a score within ``score_tol``. With
-NMS in the graph, an unmatched box that had an overlapping near-equal rival is an NMS near-tie
-(decisions.nms_near_tie), counted apart and excused while rare.
+pixels: a box a pixel wide loses 1% IoU to 0.005 px of rounding) and a score within ``score_tol``; among
+several such boxes (clipped boxes can coincide), the one closest in score. With NMS in the graph, an
+unmatched box that NMS could have decided either way (decisions.nms_near_tie: a near-equal overlapping
+rival, or a higher-scoring box overlapping it at the NMS threshold) is an NMS near-tie, counted apart and
+excused while rare.
 """
 
 from __future__ import annotations
@@ -69,9 +71,15 @@ def agree_detections(
             if same.size == 0:
                 into.min_iou = 0.0
                 continue
-            k = same[np.argmax(iou[j, same])]
+            boxes_agree = (iou[j, same] >= into.min_iou_required) | np.all(
+                np.abs(boxes_g[same] - boxes_r[j]) <= box_atol, axis=1
+            )
+            # among candidates with the same box (clipped boxes can coincide), the closest score
+            k = same[np.argmin(np.where(boxes_agree, np.abs(scores_g[same] - scores_r[j]), np.inf))]
+            if not boxes_agree.any():
+                k = same[np.argmax(iou[j, same])]
             diff = abs(float(scores_r[j]) - float(scores_g[k]))
-            same_box = iou[j, k] >= into.min_iou_required or np.all(np.abs(boxes_r[j] - boxes_g[k]) <= box_atol)
+            same_box = bool(boxes_agree[np.flatnonzero(same == k)[0]])
             if same_box and diff <= into.score_tol:
                 into.matched += 1
             elif rule.nms_iou is not None and nms_near_tie(
