@@ -38,10 +38,12 @@ def new_session(
     model: onnx.ModelProto | Path | str,
     threads: int | None = None,
     optimize: bool = True,
-    allow_spinning: bool = False,
+    spinning: bool = True,
 ) -> Any:
     """A CPU InferenceSession of ``model`` (a proto or a file path); ``threads`` sets intra-op threads
-    (default: every core), ``optimize=False`` runs the graph as written (calibration reads its tensors)."""
+    (default: every core), ``optimize=False`` runs the graph as written (calibration reads its tensors),
+    ``spinning=False`` stops idle intra-op threads busy-waiting (for a model with ``tod`` nodes always:
+    see ``session_options``), as when another runtime is timed in turn on the same cores."""
     import onnxruntime as ort
 
     from tod_deploy.ops.binary_conv_versions import needs_upgrade, upgrade_to_v2
@@ -54,7 +56,9 @@ def new_session(
         whole = proto if isinstance(model, onnx.ModelProto) else onnx.load(str(model))  # with external data
         model = proto = upgrade_to_v2(whole)
     # tod nodes run in onnxruntime-extensions' custom-op hook, which needs its library registered.
-    options = session_options(allow_spinning=allow_spinning) if binary else ort.SessionOptions()
+    options = session_options() if binary else ort.SessionOptions()
+    if not spinning and not binary:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     level = ort.GraphOptimizationLevel
     options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -71,8 +75,10 @@ def new_session(
 class OnnxRuntimeRunner:
     backend = "onnxruntime"
 
-    def __init__(self, model: onnx.ModelProto, threads: int | None = None, optimize: bool = True) -> None:
-        self.session = new_session(model, threads, optimize=optimize)
+    def __init__(
+        self, model: onnx.ModelProto, threads: int | None = None, optimize: bool = True, spinning: bool = True
+    ) -> None:
+        self.session = new_session(model, threads, optimize=optimize, spinning=spinning)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -82,4 +88,4 @@ class OnnxRuntimeRunner:
 
 
 def open_runner(source: ExportSource, options: RunnerOptions) -> OnnxRuntimeRunner:
-    return OnnxRuntimeRunner(source.onnx_model(), options.threads)
+    return OnnxRuntimeRunner(source.onnx_model(), options.threads, spinning=options.spinning)

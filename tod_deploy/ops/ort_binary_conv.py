@@ -132,10 +132,10 @@ def register() -> None:
         _registered = True
 
 
-def session_options(options: ort.SessionOptions | None = None, allow_spinning: bool = False) -> ort.SessionOptions:
+def session_options(options: ort.SessionOptions | None = None) -> ort.SessionOptions:
     """SessionOptions (new, or the given ones) with the extensions library and our op registered.
 
-    ``allow_spinning=False`` stops onnxruntime's idle intra-op threads from busy-waiting after
+    Spinning is off: it stops onnxruntime's idle intra-op threads from busy-waiting after
     each of its ops: the kernel of a ``tod`` node runs its own threads right after, and on a
     2-core machine the spinning threads took its cores (measured: the kernel ran ~2x slower).
     """
@@ -144,8 +144,7 @@ def session_options(options: ort.SessionOptions | None = None, allow_spinning: b
     register()
     options = options or ort.SessionOptions()
     options.register_custom_ops_library(get_library_path())
-    if not allow_spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
