@@ -1,5 +1,6 @@
 """Shared fixtures: small exports reused across test modules (ThumbDet: export, verify, bench, CLI; CFINet;
-SR-TOD: parity; DFR-Det's default plugin export: ISA paths, teacher forcing, check --target tensorrt, quantize)."""
+SR-TOD: parity; DFR-Det's default plugin export: ISA paths, teacher forcing, check --target tensorrt, quantize;
+BH Faster R-CNN, unverified: check --target tensorrt, OpenVINO)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,12 @@ def dfr_plugin_small(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
     out = tmp_path_factory.mktemp("dfr_plugin")
     overrides = {"input_size": "256x256", "binary_conv": "plugin"}
     return export_model("dfr_det", out, overrides=overrides, log=lambda _line: None)
+
+
+@pytest.fixture(scope="session")
+def bh_small(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """BH-ResNet50 Faster R-CNN at 128x160 without the export's own parity check (test_bh proves parity)."""
+    out = tmp_path_factory.mktemp("bh")
+    model = {"backbone": "bh_resnet50", "detector": "faster_rcnn", "rpn_nms_pre": 300, "rpn_max_per_img": 200}
+    overrides = {"input_size": "128x160", "model": model}
+    return export_model("bh", out, overrides=overrides, verify=False, name="bh", log=lambda _line: None)

@@ -17,13 +17,14 @@ from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 
 
 def test_backend_names_are_parsed_once_each_in_order() -> None:
-    assert BACKENDS == ("torch", "onnxruntime", "tensorrt")
+    assert BACKENDS == ("torch", "onnxruntime", "tensorrt", "openvino")
     assert parse_backends(None, "onnxruntime") == ["onnxruntime"]
     assert parse_backends("TensorRT, torch,torch", "onnxruntime") == ["tensorrt", "torch"]
+    assert parse_backends("onnxruntime,OpenVINO", "torch") == ["onnxruntime", "openvino"]
     with pytest.raises(UserError, match="unknown backend"):
-        parse_backends("openvino", "torch")
+        parse_backends("openvion", "torch")
     with pytest.raises(UserError, match="unknown backend"):
-        open_runner("openvino", ExportSource(Path("x.onnx"), {}))
+        open_runner("tvm", ExportSource(Path("x.onnx"), {}))
 
 
 def test_torch_and_onnxruntime_runners_agree_through_the_registry(small_onnx: Path) -> None:

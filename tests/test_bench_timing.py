@@ -36,7 +36,7 @@ def test_stats_against_numpy_definitions() -> None:
 def test_backend_parsing_and_batch_check(tmp_path: object) -> None:
     assert parse_backends("onnxruntime, torch,onnxruntime", "torch") == ["onnxruntime", "torch"]
     with pytest.raises(UserError, match="unknown backend"):
-        parse_backends("openvino", "torch")
+        parse_backends("openvion", "torch")
     check_batch("batch", 8, tmp_path)  # dynamic axis takes any batch
     with pytest.raises(UserError, match="exported for batch 1"):
         check_batch(1, 2, tmp_path)

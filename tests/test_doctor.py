@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import openvino
 import pytest
 from rich.console import Console
 from test_cli import assert_one_line_error, run
@@ -92,8 +93,11 @@ def test_doctor_json_has_this_machines_values(machine: tuple[subprocess.Complete
     assert report["tritonserver"]["version"] == f"nvidia-pytriton {importlib.metadata.version('nvidia-pytriton')}"
     assert "backends: python" in report["tritonserver"]["detail"]  # the serve extra's bundle
     backends = report["bench_backends"]
-    assert list(backends) == ["torch", "onnxruntime", "tensorrt"]
-    assert backends["torch"]["usable"] and backends["onnxruntime"]["usable"]
+    assert list(backends) == ["torch", "onnxruntime", "openvino", "tensorrt"]
+    assert backends["torch"]["usable"] and backends["onnxruntime"]["usable"] and backends["openvino"]["usable"]
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")  # the test extra brings it
+    assert report["openvino"]["version"] == openvino.__version__.split("-")[0]
+    assert f"auto runs {'bf16' if 'BF16' in capabilities else 'fp32'}" in report["openvino"]["detail"]
     assert backends["onnxruntime"]["runs_on"].startswith("CPUExecutionProvider")
     if not TENSORRT_INSTALLED:
         assert report["tensorrt"]["version"] is None and report["tensorrt"]["problem"] == "not installed"

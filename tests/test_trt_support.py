@@ -22,7 +22,6 @@ RPN = {"rpn_nms_pre": 300, "rpn_max_per_img": 200}
 EXPORTS = {
     "sr_tod": ("sr_tod", {"input_size": "256x256", "top_k": 100, "model": {"detector": "faster_rcnn", **RPN}}),
     "dfr_decompose": ("dfr_det", {"input_size": "256x256", "binary_conv": "decompose"}),
-    "bh": ("bh", {"input_size": "128x160", "model": {"backbone": "bh_resnet50", "detector": "faster_rcnn", **RPN}}),
 }
 
 
@@ -41,10 +40,12 @@ def exports(
     small_onnx: Path,
     small_cfinet: ExportResult,
     dfr_plugin_small: ExportResult,
+    bh_small: ExportResult,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("trt_check")
-    paths = {"thumbdet": small_onnx, "cfinet": small_cfinet.onnx_path, "dfr_plugin": dfr_plugin_small.onnx_path}
+    paths = {"thumbdet": small_onnx, "cfinet": small_cfinet.onnx_path, "dfr_plugin": dfr_plugin_small.onnx_path,
+             "bh": bh_small.onnx_path}  # fmt: skip
     for key, (method, overrides) in EXPORTS.items():
         result = export_model(method, out, overrides=overrides, verify=False, name=key, log=quiet)
         paths[key] = result.onnx_path

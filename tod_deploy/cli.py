@@ -43,6 +43,13 @@ DetectorOpt = Annotated[
     str | None, typer.Option(help="Detector: faster_rcnn, cascade_rcnn, retinanet (SR-TOD); fcos (DFR-Det).")
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the full result as JSON to this file.")]
+OpenVINOPrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="OpenVINO's inference precision: fp32, bf16 (CPUs with native BF16) or auto (OpenVINO's CPU default).",
+    ),
+]
 
 
 def log(message: str) -> None:
@@ -212,11 +219,16 @@ def verify_cmd(
         Path | None, typer.Option(help="For an .engine: the .onnx to compare with (default: its source).")
     ] = None,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="onnxruntime and PyTorch threads for an .onnx (default: all cores).")
+        int | None, typer.Option(min=1, help="CPU threads of the runtime and of PyTorch (default: all cores).")
     ] = None,
+    backend: Annotated[
+        str, typer.Option(help="Runtime that reads an .onnx: onnxruntime or openvino (PyTorch is the reference).")
+    ] = "onnxruntime",
+    precision: OpenVINOPrecisionOpt = "fp32",
     json_path: JsonOpt = None,
 ) -> None:
-    """Re-run parity: an .onnx against PyTorch, an .engine (TensorRT) against its ONNX in onnxruntime."""
+    """Re-run parity: an .onnx on onnxruntime or OpenVINO against PyTorch, an .engine (TensorRT) against its
+    ONNX in onnxruntime. OpenVINO in bfloat16 is judged by the quantized files' tolerances (a report)."""
     from tod_deploy.export.pipeline import reverify
 
     if model.suffix == ".engine":
@@ -224,7 +236,9 @@ def verify_cmd(
 
         report = verify_engine(model, reference, atol, rtol, log=log)
     else:
-        report = reverify(model, atol, rtol, threads=threads, log=log)
+        if backend not in ("onnxruntime", "openvino"):
+            raise UserError(f"verify cannot run an .onnx on {backend!r}", "use --backend onnxruntime or openvino")
+        report = reverify(model, atol, rtol, threads=threads, log=log, backend=backend, precision=precision)
     out.print(parity_table(report))
     write_json(json_path, report.to_dict())
     if not report.ok:
@@ -240,7 +254,10 @@ def bench_cmd(
         Path | None, typer.Argument(help="An .onnx written by tod-deploy export, or an .engine (TensorRT).")
     ] = None,
     fps: Annotated[bool, typer.Option("--fps", help="Report throughput (the default measurement).")] = True,
-    backend: Annotated[str, typer.Option(help="Comma-separated: torch, onnxruntime, tensorrt.")] = "torch,onnxruntime",
+    backend: Annotated[
+        str, typer.Option(help="Comma-separated: torch, onnxruntime, openvino, tensorrt.")
+    ] = "torch,onnxruntime",
+    precision: OpenVINOPrecisionOpt = "auto",
     batch: Annotated[int, typer.Option(min=1, help="Images per call.")] = 1,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per backend first.")] = 3,
     iters: Annotated[int | None, typer.Option(min=1, help="Timed calls per backend.")] = None,
@@ -280,7 +297,9 @@ def bench_cmd(
     if iters is None and duration is None:
         iters = 20
     backends = parse_backends(backend, "torch,onnxruntime")
-    report = bench_model(model, backends, batch, warmup, iters, duration, threads, log=log, cuda_graph=cuda_graph)
+    report = bench_model(
+        model, backends, batch, warmup, iters, duration, threads, log=log, cuda_graph=cuda_graph, precision=precision
+    )
     out.print(bench_table(report))
     write_json(json_path, report.to_dict())
 
@@ -639,8 +658,11 @@ def eval_cmd(
     ] = None,
     backend: Annotated[
         str | None,
-        typer.Option(help="Comma-separated: torch, onnxruntime (default: onnxruntime for a file, torch for --method)."),
+        typer.Option(
+            help="Comma-separated: torch, onnxruntime, openvino (default: onnxruntime for a file, torch for --method)."
+        ),
     ] = None,
+    precision: OpenVINOPrecisionOpt = "auto",
     class_agnostic: Annotated[
         bool, typer.Option(help="Score boxes whatever their label (e.g. random-weight models on a 1-class set).")
     ] = False,
@@ -677,6 +699,7 @@ def eval_cmd(
     report = evaluate_model(
         model, data, images, method, backend, max_images, class_agnostic, max_dets, checkpoint, input_size, log=log,
         compare=compare, fidelity_min_score=fidelity_score if fidelity or min_fidelity is not None else None,
+        precision=precision,
     )  # fmt: skip
     failures = check_floors(report, min_ap50, min_fidelity)
     out.print(eval_table(report))

@@ -78,6 +78,7 @@ class DoctorReport:
     onnxruntime: Component
     onnxruntime_providers: tuple[str, ...]
     onnxruntime_extensions: Component
+    openvino: Component
     torch: Component
     torch_cuda_build: str | None  # torch.version.cuda: None for a CPU-only build
     torch_cuda_available: bool
@@ -89,8 +90,8 @@ class DoctorReport:
     bench_backends: tuple[Backend, ...]
 
     def components(self) -> tuple[Component, ...]:
-        return (self.onnxruntime, self.onnxruntime_extensions, self.torch, self.cuda_python, self.nvcc, self.nvrtc,
-                self.tensorrt, self.tritonserver)  # fmt: skip
+        return (self.onnxruntime, self.onnxruntime_extensions, self.openvino, self.torch, self.cuda_python, self.nvcc,
+                self.nvrtc, self.tensorrt, self.tritonserver)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -155,6 +156,23 @@ def probe_onnxruntime_extensions() -> Component:
         install = "pip install onnxruntime-extensions"
         return Component("onnxruntime-extensions", problem="not installed", install=install)
     return Component("onnxruntime-extensions", version, "runs tod::BinaryConv2d nodes in onnxruntime")
+
+
+def probe_openvino() -> Component:
+    """OpenVINO (the optional ``openvino`` extra) and what its CPU plugin offers here (BF16, BIN)."""
+    from tod_deploy.backends.openvino_runner import INSTALL
+
+    if importlib.util.find_spec("openvino") is None:
+        return Component("OpenVINO", problem="not installed", install=INSTALL)
+    try:
+        import openvino  # noqa: PLC0415 - a probe: its failure is reported, not raised
+
+        capabilities = list(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    except Exception as exc:  # a broken install or a CPU plugin that does not load
+        return Component("OpenVINO", problem=f"fails to load ({first_line(exc)})", install=f"reinstall: {INSTALL}")
+    default = "bf16" if "BF16" in capabilities else "fp32"
+    detail = f"CPU: {', '.join(capabilities)}; --precision auto runs {default}"
+    return Component("OpenVINO", openvino.__version__.split("-")[0], detail)
 
 
 def torch_cuda_build() -> str | None:
@@ -278,16 +296,17 @@ def tensorrt_backend(*, tensorrt: Component, cuda_python: Component, gpu: GpuPro
 
 
 def bench_backends(
-    *, torch: Component, onnxruntime: Component, extensions: Component, tensorrt: Component,
+    *, torch: Component, onnxruntime: Component, extensions: Component, openvino: Component, tensorrt: Component,
     cuda_python: Component, gpu: GpuProbe,
 ) -> tuple[Backend, ...]:  # fmt: skip
-    """What ``bench --backend`` can use here: torch and onnxruntime run on the CPU, tensorrt on a GPU."""
+    """What ``bench --backend`` can use here: torch, onnxruntime and openvino run on the CPU, tensorrt on a GPU."""
     ort_runs_on = "CPUExecutionProvider"
     if not extensions.ok:
         ort_runs_on += " (tod::BinaryConv2d models need onnxruntime-extensions)"
     return (
         _library_backend("torch", torch, runs_on="CPU"),
         _library_backend("onnxruntime", onnxruntime, runs_on=ort_runs_on),
+        _library_backend("openvino", openvino, runs_on="CPU (tod::BinaryConv2d as BinaryConvolution)"),
         tensorrt_backend(tensorrt=tensorrt, cuda_python=cuda_python, gpu=gpu),
     )
 
@@ -303,16 +322,18 @@ def doctor_report() -> DoctorReport:
     gpu = probe_gpus()
     onnxruntime, providers = probe_onnxruntime()
     extensions = probe_onnxruntime_extensions()
+    openvino = probe_openvino()
     torch, build, torch_cuda = probe_torch(gpu)
     cuda_python, tensorrt = probe_cuda_python(), probe_tensorrt()
-    backends = bench_backends(torch=torch, onnxruntime=onnxruntime, extensions=extensions, tensorrt=tensorrt,
-                              cuda_python=cuda_python, gpu=gpu)  # fmt: skip
+    backends = bench_backends(torch=torch, onnxruntime=onnxruntime, extensions=extensions, openvino=openvino,
+                              tensorrt=tensorrt, cuda_python=cuda_python, gpu=gpu)  # fmt: skip
     return DoctorReport(
         cpu=probe_cpu(),
         gpu=gpu,
         onnxruntime=onnxruntime,
         onnxruntime_providers=providers,
         onnxruntime_extensions=extensions,
+        openvino=openvino,
         torch=torch,
         torch_cuda_build=build,
         torch_cuda_available=torch_cuda,

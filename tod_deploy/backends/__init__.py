@@ -2,7 +2,8 @@
 
 One module per runtime, each with ``open_runner(source, options)``: ``torch_runner`` (the PyTorch
 deploy model rebuilt from the sidecar), ``onnxruntime_runner`` (the one session factory, with the
-``tod`` op binding), ``tensorrt_runner`` (a built engine, or one built in memory). ``open_runner``
+``tod`` op binding), ``tensorrt_runner`` (a built engine, or one built in memory), ``openvino_runner``
+(the ONNX read by OpenVINO, 1-bit layers on its BinaryConvolution). ``open_runner``
 here picks the module by name, so bench and eval never chain on backend strings; a new runtime is
 one module and its entry in ``MODULES``.
 """
@@ -14,7 +15,12 @@ import importlib
 from tod_deploy.backends.base import ExportSource, Runner, RunnerOptions
 from tod_deploy.errors import UserError
 
-MODULES = {"torch": "torch_runner", "onnxruntime": "onnxruntime_runner", "tensorrt": "tensorrt_runner"}
+MODULES = {
+    "torch": "torch_runner",
+    "onnxruntime": "onnxruntime_runner",
+    "tensorrt": "tensorrt_runner",
+    "openvino": "openvino_runner",
+}
 BACKENDS = tuple(MODULES)
 
 __all__ = ["BACKENDS", "ExportSource", "Runner", "RunnerOptions", "open_runner", "parse_backends"]

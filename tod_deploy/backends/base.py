@@ -27,6 +27,11 @@ class ExportSource:
     engine_path: Path | None = None
     _model: onnx.ModelProto | None = field(default=None, repr=False)
 
+    @classmethod
+    def in_memory(cls, model: onnx.ModelProto) -> ExportSource:
+        """A model that exists only in memory (a file with inner tensors exposed for a parity check)."""
+        return cls(Path(f"{model.graph.name or 'model'}.onnx"), {}, _model=model)
+
     def onnx_model(self) -> onnx.ModelProto:
         """The ONNX file, read and checked once however many backends need it."""
         if self._model is None:
@@ -41,4 +46,7 @@ class RunnerOptions:
     threads: int | None = None  # intra-op threads (default: every core)
     batch: int = 1  # TensorRT: the batch an in-memory build's profile must admit
     cuda_graph: bool = False  # TensorRT: replay the engine as one CUDA graph
+    precision: str = "auto"  # OpenVINO: its inference precision hint (fp32, bf16, auto)
+    # onnxruntime: idle intra-op threads busy-wait; off when timed beside another runtime (they take its cores)
+    spinning: bool = True
     log: Callable[[str], None] = print

@@ -19,7 +19,7 @@ def bench_table(report: BenchReport) -> Table:
     ratios = report.ratios()
     for name, s in report.results.items():
         table.add_row(
-            name, str(s["iters"]), f"{s['mean_ms']:.1f}", f"{s['median_ms']:.1f}", f"{s['p90_ms']:.1f}",
+            report.label(name), str(s["iters"]), f"{s['mean_ms']:.1f}", f"{s['median_ms']:.1f}", f"{s['p90_ms']:.1f}",
             f"{s['p99_ms']:.1f}", f"{s['fps']:.2f}", f"{ratios[name]:.2f}",
         )  # fmt: skip
     return table

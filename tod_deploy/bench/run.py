@@ -28,6 +28,12 @@ class BenchReport:
     threads: int
     results: dict[str, dict[str, float]] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)  # what a runtime says of its run (OpenVINO)
+
+    def label(self, name: str) -> str:
+        """A row's name: the backend, with the precision it ran when it says (``openvino (f32)``)."""
+        precision = self.runtimes.get(name, {}).get("precision")
+        return f"{name} ({precision})" if precision else name
 
     def ratios(self) -> dict[str, float]:
         """FPS of each backend relative to the first one requested."""
@@ -44,6 +50,7 @@ class BenchReport:
             "threads": self.threads,
             "results": self.results,
             "fps_ratio_vs_" + next(iter(self.results)): self.ratios(),
+            "runtimes": self.runtimes,
             "environment": self.environment,
         }
 
@@ -66,6 +73,7 @@ def bench_model(
     threads: int | None = None,
     log: Callable[[str], None] = print,
     cuda_graph: bool = False,
+    precision: str = "auto",
 ) -> BenchReport:
     engine: Path | None = None
     if path.suffix == ".engine" or "tensorrt" in backends:
@@ -89,7 +97,10 @@ def bench_model(
     check_batch(onnx_batch, batch, path)
     threads = threads or os.cpu_count() or 1
     images = verification_images(recipe, batch, seed=0)
-    options = RunnerOptions(threads=threads, batch=batch, cuda_graph=cuda_graph, log=log)
+    # timed in turn on the same cores: onnxruntime's spinning threads would take them from the next runtime
+    options = RunnerOptions(
+        threads=threads, batch=batch, cuda_graph=cuda_graph, precision=precision, spinning=len(backends) == 1, log=log
+    )
     opened = {backend: open_runner(backend, source, options) for backend in backends}
     runners: dict[str, Callable[[], object]] = {name: _bind(r.run, images) for name, r in opened.items()}
     log(f"timing {', '.join(runners)} (batch {batch}, {threads} threads, warm-up {warmup}) ...")
@@ -97,6 +108,7 @@ def bench_model(
     source = str(engine or path)
     report = BenchReport(source, sidecar["method"], recipe.input_size, batch, threads, environment=environment())
     report.results = {name: timing.stats() for name, timing in timings.items()}
+    report.runtimes = {name: r.describe() for name, r in opened.items() if hasattr(r, "describe")}
     if "tensorrt" in report.results:  # GPU-clock split of each call: copy in, engine, copy out
         report.results["tensorrt"].update(opened["tensorrt"].stage_means())
     return report

@@ -101,6 +101,7 @@ def load_model(
     checkpoint: Path | None = None,
     input_size: str | None = None,
     log: Log = print,
+    precision: str = "auto",
 ) -> LoadedModel:
     """Runners for an exported ONNX (torch rebuilt from its sidecar) or for a method's PyTorch model."""
     from tod_deploy.backends import ExportSource, RunnerOptions, open_runner, parse_backends
@@ -128,7 +129,8 @@ def load_model(
         recipe = sidecar.recipe
         size = _static_input_size(onnx_model, model_path) or tuple(recipe.input_size)
         source = ExportSource(model_path, sidecar, _model=onnx_model)
-        runners = {backend: open_runner(backend, source, RunnerOptions(log=log)) for backend in names}
+        options = RunnerOptions(precision=precision, log=log)
+        runners = {backend: open_runner(backend, source, options) for backend in names}
         name = str(model_path)
     else:
         from tod_deploy.models import build_deploy_model, resolve_recipe
@@ -214,11 +216,12 @@ def evaluate_model(
     log: Log = print,
     compare: list[Path] | None = None,
     fidelity_min_score: float | None = None,
+    precision: str = "auto",
 ) -> EvalReport:
     """``fidelity_min_score``: when set, also score every row against the reference row's
     detections at or above that score (the FP32 onnxruntime row, else the first row)."""
     coco = load_coco(data, images_dir, max_images)  # check the data before the (slow) model build
-    loaded = load_model(model_path, method, backends, checkpoint, input_size, log)
+    loaded = load_model(model_path, method, backends, checkpoint, input_size, log, precision)
     if compare:
         if model_path is None:
             raise UserError("--compare needs a model file to compare with", "pass the FP32 .onnx as the model")

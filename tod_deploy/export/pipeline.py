@@ -149,11 +149,21 @@ def rebuild_deploy_model(sidecar: Sidecar, log: Log = print) -> Any:
 
 
 def reverify(
-    onnx_path: Path, atol: float = FP32.atol, rtol: float = FP32.rtol, threads: int | None = None, log: Log = print
+    onnx_path: Path,
+    atol: float = FP32.atol,
+    rtol: float = FP32.rtol,
+    threads: int | None = None,
+    log: Log = print,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
 ) -> ParityReport:
+    """The file on ``backend`` against the PyTorch model its sidecar rebuilds."""
     model = load_onnx(onnx_path)
     sidecar = Sidecar.load(onnx_path)
     if read_metadata(model).get("method") not in (None, sidecar.method):
         raise UserError(f"{onnx_path.name} and its sidecar name different methods", "re-export the model")
     deploy = rebuild_deploy_model(sidecar, log)
-    return verify_onnx(model, deploy, sidecar.recipe, policy=replace(FP32, atol=atol, rtol=rtol), threads=threads)
+    policy = replace(FP32, atol=atol, rtol=rtol)
+    return verify_onnx(
+        model, deploy, sidecar.recipe, policy=policy, threads=threads, backend=backend, precision=precision
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx
 
-from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
+from tod_deploy.backends import ExportSource, RunnerOptions, open_runner
 from tod_deploy.export.passes import expose_tensors, read_metadata
 from tod_deploy.methods.base import DeployModel, selection_names
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
@@ -24,7 +24,7 @@ from tod_deploy.parity.comparator import ParityPlan, compare, verification_image
 from tod_deploy.parity.decisions import DecisionSite, decision_sites
 from tod_deploy.parity.detections import DetectionRule
 from tod_deploy.parity.forcing import TeacherForcedRunner, decision_modules
-from tod_deploy.parity.policy import FP32, ParityPolicy
+from tod_deploy.parity.policy import FP32, PRECISION_POLICIES, ParityPolicy
 from tod_deploy.parity.report import ParityReport
 from tod_deploy.recipes import Recipe
 
@@ -71,13 +71,21 @@ def verify_onnx(
     seeds: tuple[int, ...] = (0, 1, 2),
     policy: ParityPolicy = FP32,
     threads: int | None = None,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
 ) -> ParityReport:
-    """onnxruntime (CPU) against PyTorch, teacher-forced at every decision, on the same seeded inputs."""
+    """A runtime reading the file (onnxruntime, or OpenVINO at ``precision``) against PyTorch, teacher-forced
+    at every decision, on the same seeded inputs. A runtime that really runs bfloat16 is judged by the
+    bf16 policy (a report, as for quantized files), whatever ``policy`` says for float32."""
     raw = list(deploy.parity_names)
     sites = decision_sites(model) if decision_modules(deploy) else []
     site_tensors = [t for site in sites for t in (site.input, site.output, site.residual) if t]
     site_tensors += selection_names(deploy)
-    candidate = OnnxRuntimeRunner(expose_tensors(model, list(dict.fromkeys([*raw, *site_tensors]))), threads)
+    exposed = expose_tensors(model, list(dict.fromkeys([*raw, *site_tensors])))
+    options = RunnerOptions(threads=threads, precision=precision, log=lambda _line: None)
+    candidate = open_runner(backend, ExportSource.in_memory(exposed), options)
+    if getattr(candidate, "precision", "f32") == "bf16":
+        policy = PRECISION_POLICIES["bf16"]
     names = [*CONTRACT_OUTPUTS, *raw] if has_contract(model) else raw
     reference = TeacherForcedRunner(deploy, names, sites, threads)
     plan = plan_for(model, recipe, raw, reference.sites, parity_metadata(deploy, recipe))
