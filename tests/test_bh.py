@@ -115,7 +115,7 @@ def test_detector_key_names(backbone: str, keys: list[str]) -> None:
     ("backbone", "detector"),
     [
         ("bh_hrnet18", "faster_rcnn"),
-        ("bh_resnet50", "retinanet"),
+        pytest.param("bh_resnet50", "retinanet", marks=pytest.mark.slow),  # RetinaNet as DFR-Det's and SR-TOD's
         pytest.param("hrnet18", "fcos", marks=pytest.mark.slow),  # HRNet as bh_hrnet18, FCOS as DFR-Det's
     ],
 )

@@ -27,9 +27,11 @@ def dfr_unfused(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
 
 
 def _reverify(export: ExportResult, threads: int):  # noqa: ANN202
+    """One seeded input per path (the export itself checked three): DFR-Det's is 53 M binary decisions,
+    SR-TOD's 65,536 mask signs, so a path's boundary flips have every chance to show."""
     sidecar = Sidecar.load(export.onnx_path)
     deploy = rebuild_deploy_model(sidecar, quiet)
-    return verify_onnx(load_onnx(export.onnx_path), deploy, sidecar.recipe, threads=threads)
+    return verify_onnx(load_onnx(export.onnx_path), deploy, sidecar.recipe, seeds=(0,), threads=threads)
 
 
 @pytest.mark.parametrize("threads", THREADS)
@@ -69,4 +71,4 @@ def test_sr_tod_parity_at_each_thread_count(sr_tod_small: ExportResult, threads:
     report = _reverify(sr_tod_small, threads)
     assert report.ok, f"{threads} threads: {report.failure()}"
     mask = report.decision("net.mask_sign")
-    assert mask.decisions == 3 * 256 * 256 and mask.flips == mask.excused
+    assert mask.decisions == 256 * 256 and mask.flips == mask.excused

@@ -164,7 +164,7 @@ def test_mask_is_bit_identical_including_the_half_case(tmp_path: Path, threshold
     [
         "faster_rcnn",
         pytest.param("cascade_rcnn", marks=pytest.mark.slow),  # the RoI stage three times; test_full_size too
-        "retinanet",
+        pytest.param("retinanet", marks=pytest.mark.slow),  # test_cli exports and verifies it (visualize)
     ],
 )
 def test_export_parity_per_detector(tmp_path: Path, detector: str) -> None:
