@@ -31,7 +31,7 @@ class BenchReport:
     runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)  # what a runtime says of its run (OpenVINO)
 
     def label(self, name: str) -> str:
-        """A row's name: the backend, with the precision it ran when it says (``openvino (f32)``)."""
+        """A row's name: the backend, with the precision it ran when it says (``openvino (fp32)``)."""
         precision = self.runtimes.get(name, {}).get("precision")
         return f"{name} ({precision})" if precision else name
 
