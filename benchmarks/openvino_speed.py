@@ -52,12 +52,10 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import onnx
 
 from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends import ExportSource, Runner, RunnerOptions, open_runner
-from tod_deploy.backends.openvino_ops import BinaryLayers, conversion_extensions
-from tod_deploy.backends.openvino_runner import compile_config, read_model, require_openvino
+from tod_deploy.backends.openvino_runner import OpenVINORunner, require_openvino
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.environment import environment, installed_version
 from tod_deploy.errors import UserError
@@ -239,17 +237,6 @@ def print_models(results: list[dict], args: argparse.Namespace, header: str) -> 
 # --- part 2: one 1-bit layer ------------------------------------------------------------------------------
 
 
-def profiled_request(model: onnx.ModelProto, threads: int) -> Any:
-    """An InferRequest compiled as OpenVINORunner compiles fp32, with the per-node profile (PERF_COUNT) on."""
-    ov = require_openvino()
-    core = ov.Core()
-    for extension in conversion_extensions(BinaryLayers()):
-        core.add_extension(extension)
-    config = compile_config("fp32", threads, list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
-    compiled = core.compile_model(read_model(core, model), "CPU", {**config, "PERF_COUNT": True})
-    return compiled.create_infer_request()
-
-
 def node_times_us(request: Any) -> tuple[float, float]:
     """Microseconds of the last inference in BinaryConvolution node(s), and in every other executed node."""
     kernel = rest = 0.0
@@ -278,7 +265,7 @@ def bench_layer(channels: int, size: int, args: argparse.Namespace) -> dict[str,
     native = ov_binary.describe()["binary_layers"]["native"]
     if native != 1:
         log(f"warning: OpenVINO did not read the {channels}-channel layer as BinaryConvolution ({native} native)")
-    request, profile = profiled_request(one_bit, args.threads), []
+    request, profile = OpenVINORunner(one_bit, args.threads, "fp32", profile=True).request, []
     out = np.empty_like(x)
 
     def ov_kernel() -> None:

@@ -236,9 +236,12 @@ def verify_cmd(
 
         report = verify_engine(model, reference, atol, rtol, log=log)
     else:
-        if backend not in ("onnxruntime", "openvino"):
+        from tod_deploy.backends import parse_backends
+
+        runtimes = parse_backends(backend, "onnxruntime")
+        if runtimes not in (["onnxruntime"], ["openvino"]):
             raise UserError(f"verify cannot run an .onnx on {backend!r}", "use --backend onnxruntime or openvino")
-        report = reverify(model, atol, rtol, threads=threads, log=log, backend=backend, precision=precision)
+        report = reverify(model, atol, rtol, threads=threads, log=log, backend=runtimes[0], precision=precision)
     out.print(parity_table(report))
     write_json(json_path, report.to_dict())
     if not report.ok:

@@ -30,7 +30,7 @@ Padding: ``pad_value`` 0, +1 and -1 are exact (0 pads add nothing to the sum, as
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -119,8 +119,7 @@ def _deform_conv(node: Any) -> list[Any]:
 def _binary_conv(node: Any, layers: BinaryLayers) -> list[Any]:
     import openvino.opset13 as ops
 
-    names = ("kernel_shape", "strides", "pads", "dilations", "group", "in_channels", "threshold", "zero_sign",
-             "pad_value", "activation")  # fmt: skip
+    names = [f.name for f in fields(BinaryConvAttrs)]
     attrs = BinaryConvAttrs.from_onnx({n: node.get_attribute(n) for n in names if node.has_attribute(n)})
     packed = np.asarray(node.get_input(1).get_node().get_data(), dtype=np.uint8)  # an initializer: a Constant
     weights = unpack_weights(packed.reshape(-1, *attrs.kernel_shape, attrs.words * 8), attrs.group_channels)

@@ -66,14 +66,17 @@ def read_model(core: Any, model: onnx.ModelProto) -> Any:
 class OpenVINORunner:
     backend = "openvino"
 
-    def __init__(self, model: onnx.ModelProto, threads: int | None = None, precision: str = "auto") -> None:
+    def __init__(
+        self, model: onnx.ModelProto, threads: int | None = None, precision: str = "auto", *, profile: bool = False
+    ) -> None:
+        """``profile``: keep OpenVINO's per-node timings (``request.profiling_info``), for benchmarks."""
         ov = require_openvino()
         core = ov.Core()
         self.binary_layers = BinaryLayers()
         for extension in conversion_extensions(self.binary_layers):
             core.add_extension(extension)
         capabilities = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-        config = compile_config(precision, threads or os.cpu_count() or 1, capabilities)
+        config = compile_config(precision, threads or os.cpu_count() or 1, capabilities) | {"PERF_COUNT": profile}
         compiled = core.compile_model(read_model(core, model), "CPU", config)
         ran = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32, bf16 or f16
         self.precision = {"f32": "fp32", "f16": "fp16"}.get(ran, ran)
