@@ -27,7 +27,7 @@ from tod_deploy.evaluation.coco_eval import (
 )
 from tod_deploy.evaluation.datasets import load_coco, load_image
 from tod_deploy.evaluation.gate import check_floors
-from tod_deploy.evaluation.run import evaluate_model
+from tod_deploy.evaluation.run import compare_runners, evaluate_model
 from tod_deploy.evaluation.synthetic import generate_synthetic
 
 # ----------------------------------------------------------------------------- helpers
@@ -350,9 +350,9 @@ def test_eval_nan_model_output_is_one_line(small_onnx: Path, tiny_set: Path, tmp
     assert_one_line_error(proc, "NaN/Inf scores", "onnxruntime")
 
 
-def _variant(source: Path, folder: Path, precision: str, box_shift: float | None) -> Path:
-    """A copy of an export whose sidecar names a precision, optionally with the last box layer's bias
-    shifted (random-weight DETR boxes hardly depend on the image, so its input would not do)."""
+def _variant(source: Path, folder: Path, precision: str, box_shift: float | None, layout: str | None = None) -> Path:
+    """A copy of an export whose sidecar names a precision (and INT8 layout), optionally with the last box
+    layer's bias shifted (random-weight DETR boxes hardly depend on the image, so its input would not do)."""
     model = onnx.load(str(source))
     if box_shift is not None:
         bias = next(t for t in model.graph.initializer if t.name.endswith("bbox_embed.5.layers.2.bias"))
@@ -360,7 +360,8 @@ def _variant(source: Path, folder: Path, precision: str, box_shift: float | None
     folder.mkdir()
     path = folder / f"model.{precision}.onnx"
     onnx.save(model, str(path))
-    sidecar = json.loads(source.with_suffix(".json").read_text()) | {"quantization": {"precision": precision}}
+    quantization = {"precision": precision, "layout": {"target": layout} if layout else None}
+    sidecar = json.loads(source.with_suffix(".json").read_text()) | {"quantization": quantization}
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     return path
 
@@ -393,6 +394,16 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
                            max_images=1, log=lambda _l: None, fidelity_min_score=0.0)  # fmt: skip
     with pytest.raises(UserError, match="--min-fidelity needs a row to compare"):
         check_floors(alone, None, 0.9)
+
+
+def test_compare_rows_name_the_int8_layout(small_onnx: Path, tmp_path: Path) -> None:
+    """Both INT8 layouts of one model are rows of one eval, named by layout (both were 'int8' before)."""
+    files = [_variant(small_onnx, tmp_path / target, "int8", None, target) for target in ("tensorrt", "onnxruntime")]
+    size = tuple(json.loads(small_onnx.with_suffix(".json").read_text())["recipe"]["input_size"])
+    names = list(compare_runners(files, size))
+    assert names == ["onnxruntime int8 (tensorrt layout)", "onnxruntime int8 (onnxruntime layout)"]
+    with pytest.raises(UserError, match="both 'int8 \\(tensorrt layout\\)'"):
+        compare_runners([files[0], files[0]], size)
 
 
 def test_eval_gate_exit_status(small_onnx: Path, tiny_set: Path, tmp_path: Path) -> None:

@@ -165,7 +165,10 @@ def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str,
                 "compare exports of the same model",
             )
         sidecar = Sidecar.load(path)
-        label = str((sidecar.get("quantization") or {}).get("precision") or sidecar.get("precision") or path.stem)
+        quantization = sidecar.get("quantization") or {}
+        label = str(quantization.get("precision") or sidecar.get("precision") or path.stem)
+        if layout := (quantization.get("layout") or {}).get("target"):
+            label = f"{label} ({layout} layout)"  # both INT8 layouts of one model can be compared side by side
         name = f"onnxruntime {label}"
         if name in runners:
             raise UserError(f"two compared models are both {label!r}", "compare each precision once")
