@@ -4,7 +4,8 @@ Stage 0 assigns anchors with the public code's ``DynamicAssigner``: a ground tru
 IoU threshold grows with its size, thr = clamp(0.25 + 0.15 * log2(sqrt(area) / 12), 0.2, 0.7),
 so a tiny object, whose anchors can barely overlap it, still gets positives; anchors below
 0.15 are negatives, the rest ignored. Stage 1 uses a max-IoU assigner (0.7 / 0.7, low-quality
-matches at 0.3). Both regress decoded boxes with a linear IoU loss (``IoULoss(linear=True)``).
+matches at 0.3) and samples 256 anchors, half positive at most. Both regress decoded boxes with a
+linear IoU loss (``IoULoss(linear=True)``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torchvision.ops import box_iou
 
 from tod_deploy.nn.anchors import decode_deltas
 from tod_deploy.nn.heads.crpn import STAGE0_STDS, STAGE1_STDS, CRPNOutputs
-from tod_deploy.nn.heads.losses import IGNORE, NEGATIVE, assign_max_iou
+from tod_deploy.nn.heads.losses import IGNORE, NEGATIVE, RPN_SAMPLER, assign_max_iou, random_sample
 
 LOW_QUALITY_IOU, BASE_POS_IOU, NORMAL_IOU, AREA_SLOPE, BASE_SIZE = 0.2, 0.25, 0.7, 0.15, 12.0
 STAGE0_NEG_IOU = 0.15
@@ -65,7 +66,8 @@ def crpn_losses(out: CRPNOutputs, targets: list[dict[str, Tensor]]) -> dict[str,
         reg0.append(linear_iou_loss(boxes0, gt[a0[pos0]]) / (anchors.shape[0] / REFINE_REG_FACTOR))
         # stage 1: max-IoU on the refined anchors, objectness + IoU loss
         a1 = assign_max_iou(refined.detach(), gt, 0.7, 0.7, 0.3)
-        pos1, used = a1 >= 0, a1 != IGNORE
+        used = random_sample(a1, *RPN_SAMPLER)  # the public config's stage-1 RandomSampler(256, 0.5)
+        pos1 = used & (a1 >= 0)
         labels = pos1.to(out.objectness.dtype)
         avg = max(int(used.sum()), 1)
         cls0.append(F.binary_cross_entropy_with_logits(out.objectness[i][used], labels[used], reduction="sum") / avg)
