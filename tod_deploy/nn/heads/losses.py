@@ -2,10 +2,9 @@
 RPN's anchors and the R-CNN's proposals, objectness / focal / CE, L1.
 
 The sampling is what mmdet's Faster R-CNN configs train with (RPN: 256 anchors, half positive at
-most; R-CNN: 512 proposals, a quarter positive at most). It matters most for tiny objects: an image
-has a few dozen positive anchors among thousands of negatives, and without it the objectness
-learned "background everywhere" within a hundred steps (measured training from scratch on the
-synthetic set, benchmarks/train_synthetic.py).
+most; R-CNN: 512 proposals, a quarter positive at most), so that the training form optimizes what
+upstream's does. Without it, a tiny-object image's few dozen positive anchors were averaged with
+thousands of negatives.
 """
 
 from __future__ import annotations
