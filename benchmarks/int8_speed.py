@@ -167,7 +167,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--checkpoints", type=Path, default=None, help="Folder of <model>.pth (train_synthetic.py).")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="Folder of <model>.pth trained with MODELS' settings (bh here is BH-ResNet50 Faster "
+                        "R-CNN: train_synthetic.py's bh_frcnn, not its bh).")
     parser.add_argument("--profile", action="store_true", help="Profile by op type whatever the ratio.")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)

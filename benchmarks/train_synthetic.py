@@ -22,7 +22,8 @@ A tool, not a user command. Each run:
    the export on the held-out set on torch and onnxruntime (``tod-deploy eval``'s code): AP, AP50, bins.
 
 The same checkpoint then exports with ``tod-deploy export --checkpoint <cache>/<model>.pth`` and
-``tod-deploy eval`` shows real AP per backend; benchmarks/int8_speed.py takes ``--checkpoints <cache>``.
+``tod-deploy eval`` shows real AP per backend; benchmarks/precision_fidelity.py takes ``--checkpoints <cache>``
+and exports each with the settings above (a checkpoint exports only with the settings it was trained with).
 
 The default input is 128x128: the objects keep their 2-64 px (the set is drawn at the model's input
 size), and a step costs a quarter of one at 256x256. A convolutional detector trained at 128x128 runs
