@@ -171,6 +171,63 @@ def test_nms_iou_tie_is_excused_but_a_clear_overlap_is_not() -> None:
     assert agreement.near_ties == 0 and not agreement.ok
 
 
+def _boxes_and_scores(*boxes: tuple[list[float], float], capacity: int = 0) -> dict[str, np.ndarray]:
+    """One image's kept boxes (label 1), padded to ``capacity`` slots as a graph's fixed outputs are."""
+    n, slots = len(boxes), max(capacity, len(boxes))
+    out = _dets([b for b, _ in boxes] + [[0, 0, 0, 0]] * (slots - n), [s for _, s in boxes] + [-1.0] * (slots - n),
+                [1] * slots)  # fmt: skip
+    out["num_dets"] = np.array([n], np.int32)
+    return out
+
+
+# Boxes overlapping A at IoU 0.54 (over an NMS threshold of 0.5) and each other at most at 0.32.
+A, B1, B2, B3, B4 = [0, 0, 10, 10], [3, 0, 13, 10], [-3, 0, 7, 10], [0, 3, 10, 13], [0, -3, 10, 7]
+C = [6, 0, 16, 10]  # overlaps B1 at 0.54, A at 0.25
+FAR, FAR2, FAR3 = [50, 50, 60, 60], [80, 80, 90, 90], [20, 80, 30, 90]
+
+
+def test_a_box_a_near_tie_changed_is_excused_with_it() -> None:
+    # A and B1 tie exactly. The reference took A first and kept C; the candidate took B1, which suppressed C.
+    ref = _boxes_and_scores((A, 0.5), (C, 0.4), (FAR, 0.3), (FAR2, 0.1))
+    got = _boxes_and_scores((B1, 0.5), (FAR, 0.3), (FAR2, 0.1))
+    agreement = _agree(ref, got, nms_iou=0.5)
+    assert (agreement.checked, agreement.matched, agreement.near_ties, agreement.cascaded) == (3, 1, 1, 1)
+    assert agreement.ok
+    # B1 clearly outscores A: no tie, so neither A's loss nor C's is explained.
+    got = _boxes_and_scores((B1, 0.6), (FAR, 0.3), (FAR2, 0.1))
+    agreement = _agree(ref, got, nms_iou=0.5)
+    assert (agreement.near_ties, agreement.cascaded) == (0, 0) and not agreement.ok
+
+
+def test_near_ties_beyond_the_share_pass_only_where_the_reference_ties_exactly() -> None:
+    # Three tie swaps in 5 checked boxes: far more than 1 %. Where the reference scores the three exactly
+    # alike (a plateau: dead features), which of them a runtime keeps is its own choice.
+    def swaps(scores: list[float]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        def apart(box: list[float]) -> list[list[float]]:  # the pair's box, once per swap, 100 px apart
+            return [[box[0] + 100 * k, box[1], box[2] + 100 * k, box[3]] for k in range(len(scores))]
+
+        rest = ((FAR, 0.3), (FAR2, 0.2), (FAR3, 0.1))
+        ref = _boxes_and_scores(*zip(apart(A), scores, strict=True), *rest)
+        return ref, _boxes_and_scores(*zip(apart(B1), scores, strict=True), *rest)
+
+    agreement = _agree(*swaps([0.5, 0.5, 0.5]), nms_iou=0.5)
+    assert (agreement.checked, agreement.near_ties, agreement.tied) == (5, 3, 3) and agreement.ok
+    agreement = _agree(*swaps([0.5, 0.45, 0.4]), nms_iou=0.5)  # three ties, each exact, none shared
+    assert (agreement.near_ties, agreement.tied) == (3, 0) and not agreement.ok
+
+
+def test_boxes_pushed_off_a_full_list_by_tied_ones_are_excused() -> None:
+    # The reference kept A of five tied boxes; the candidate kept the four Bs, filled its five places,
+    # and so dropped the reference's last two (the very last is on the selection floor, not checked).
+    ref = _boxes_and_scores((A, 0.5), (FAR, 0.3), (FAR2, 0.2), (FAR3, 0.1), capacity=5)
+    got = _boxes_and_scores((B1, 0.5), (B2, 0.5), (B3, 0.5), (B4, 0.5), (FAR, 0.3), capacity=5)
+    agreement = _agree(ref, got, nms_iou=0.5)
+    assert (agreement.checked, agreement.matched, agreement.near_ties, agreement.cascaded) == (3, 1, 1, 1)
+    assert agreement.ok
+    got = _boxes_and_scores((B1, 0.5), (B2, 0.5), (B3, 0.5), (B4, 0.5), (FAR, 0.3), capacity=6)  # room left
+    assert not _agree(ref, got, nms_iou=0.5).ok
+
+
 def test_coinciding_boxes_match_by_score() -> None:
     # Clipped to the image, two proposals can be the same box; each reference one has its own partner.
     full = [0, 0, 512, 512]

@@ -98,8 +98,10 @@ def parity_table(report: Any) -> Table:
     for d in [*report.selections, *([report.detections] if report.detections is not None else [])]:
         table.add_row(
             d.name, f"IoU min {d.min_iou:.4f}", f"score diff {d.max_score_diff:.2g}",
-            f"IoU>={d.min_iou_required} / {d.score_tol:g}", f"{d.checked - d.matched - d.near_ties}/{d.checked}",
-            ("ok" if d.ok else "FAIL") + (f" ({d.near_ties} NMS near-ties)" if d.near_ties else ""),
+            f"IoU>={d.min_iou_required} / {d.score_tol:g}",
+            f"{d.checked - d.matched - d.near_ties - d.cascaded}/{d.checked}",
+            ("ok" if d.ok else "FAIL") + (f" ({d.near_ties} NMS near-ties" if d.near_ties else "")
+            + (f", {d.cascaded} changed by them" if d.cascaded else "") + (")" if d.near_ties else ""),
         )  # fmt: skip
     return table
 

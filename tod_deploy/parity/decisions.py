@@ -136,6 +136,69 @@ def nms_near_tie(ious: np.ndarray, scores: np.ndarray, score: float, nms_iou: fl
     return bool(np.any(score_tie | iou_tie))
 
 
+TIE, CASCADE = "tie", "cascade"
+
+
+def explain_nms_differences(
+    iou: np.ndarray,
+    ref: tuple[np.ndarray, np.ndarray],
+    got: tuple[np.ndarray, np.ndarray],
+    only_ref: np.ndarray,
+    only_got: np.ndarray,
+    nms_iou: float,
+    policy: ParityPolicy,
+    got_last: float | None = None,
+) -> dict[int, str]:
+    """Which boxes kept by one runtime only (``only_ref``, ``only_got``: indices) a correct NMS explains.
+
+    ``iou`` is reference x candidate; ``ref`` and ``got`` are (scores, labels). A difference is a
+    ``TIE`` when NMS or a top-k could have decided it either way: :func:`nms_near_tie` against the other
+    runtime's boxes, or a box kept by the other runtime only at the same score (two tied boxes, one
+    taken). It is a ``CASCADE`` when a box the other runtime kept only, itself explained and scoring at
+    least as high, overlaps it beyond the NMS threshold: NMS is greedy in score order, so one tie
+    changes what every lower box overlapping the winner is suppressed by. A trained model makes such
+    chains: where its features are dead, many anchors score exactly the same. ``got_last``: the
+    candidate's last kept score when its list is full: where it kept more explained boxes than the
+    reference did, as many reference boxes at or below that score fell off its end (also a ``CASCADE``).
+    Returns the explained reference indices with their kind (the candidate's serve only as links)."""
+    margin = policy.selection_margin
+    sides = (
+        (only_ref, ref, got, only_got, iou),
+        (only_got, got, ref, only_ref, iou.T),
+    )
+    explained: list[dict[int, str]] = [{}, {}]
+    for side, (mine, (scores, labels), (other_scores, other_labels), other_only, overlap) in enumerate(sides):
+        for d in mine:
+            same = other_labels == labels[d]
+            rivals = other_only[other_labels[other_only] == labels[d]]
+            exchanged = np.abs(other_scores[rivals] - scores[d]) <= margin
+            if exchanged.any() or nms_near_tie(overlap[d, same], other_scores[same], float(scores[d]), nms_iou, policy):
+                explained[side][int(d)] = TIE
+    changed = True
+    while changed:  # a cascade explains a box by an explained box of the other side: repeat to a fixed point
+        changed = False
+        for side, (mine, (scores, labels), (other_scores, other_labels), _, overlap) in enumerate(sides):
+            links = np.array(sorted(explained[1 - side]), dtype=np.int64)
+            for d in mine:
+                if int(d) in explained[side] or links.size == 0:
+                    continue
+                suppressors = (
+                    (other_labels[links] == labels[d])
+                    & (overlap[d, links] >= nms_iou - NMS_IOU_MARGIN)
+                    & (other_scores[links] >= scores[d] - margin)
+                )
+                if suppressors.any():
+                    explained[side][int(d)] = CASCADE
+                    changed = True
+    if got_last is not None:
+        places = len(explained[1]) - len(explained[0])  # boxes it kept beyond the one each took the place of
+        for d in sorted(only_ref, key=lambda d: ref[0][d]):  # the last reference boxes go first
+            if places > 0 and int(d) not in explained[0] and ref[0][d] <= got_last + margin:
+                explained[0][int(d)] = CASCADE
+                places -= 1
+    return explained[0]
+
+
 # --- finding the sites in a graph ---------------------------------------------------------------
 
 

@@ -6,7 +6,10 @@ pixels: a box a pixel wide loses 1% IoU to 0.005 px of rounding) and a score wit
 several such boxes (clipped boxes can coincide), the one closest in score. With NMS in the graph, an
 unmatched box that NMS could have decided either way (decisions.nms_near_tie: a near-equal overlapping
 rival, or a higher-scoring box overlapping it at the NMS threshold) is an NMS near-tie, counted apart and
-excused while rare.
+excused while rare: at most ``max_excused_share`` of the checked boxes, plus the reference's boxes that
+tie exactly (a plateau of equal scores, where every runtime picks its own). A box a near-tie changed (a
+box kept by the candidate only suppressed it, or pushed it off a full list) is excused with it
+(decisions.explain_nms_differences).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tod_deploy.parity.decisions import nms_near_tie, selection_floor
+from tod_deploy.parity.decisions import CASCADE, TIE, explain_nms_differences, selection_floor
 from tod_deploy.parity.policy import ParityPolicy
 from tod_deploy.parity.report import DetectionAgreement
 
@@ -65,27 +68,46 @@ def agree_detections(
         boxes_g, scores_g, labels_g = got["boxes"][i, :n_got], got["scores"][i, :n_got], got["labels"][i, :n_got]
         floor = selection_floor(scores_r, rule.score_threshold, policy)
         iou = box_iou(boxes_r, boxes_g) if n_got else np.zeros((n_ref, 0))
-        for j in np.flatnonzero(scores_r > floor):
+        paired = np.zeros(n_got, bool)  # candidate boxes some reference box matches
+        values, counts = np.unique(scores_r, return_counts=True)
+        shared = np.isin(scores_r, values[counts > 1])
+        unmatched: dict[int, tuple[float, float]] = {}  # reference index -> (IoU, score diff) of its closest box
+        for j in range(n_ref):
+            same = labels_g == labels_r[j]
+            near = np.all(np.abs(boxes_g - boxes_r[j]) <= box_atol, axis=1)
+            agree = same & ((iou[j] >= into.min_iou_required) | near)
+            diffs = np.abs(scores_g - scores_r[j])
+            paired |= agree & (diffs <= into.score_tol)
+            if scores_r[j] <= floor:
+                continue
             into.checked += 1
-            same = np.flatnonzero(labels_g == labels_r[j])
-            if same.size == 0:
-                into.min_iou = 0.0
+            into.tied += int(shared[j])
+            if not same.any():
+                unmatched[j] = (0.0, 0.0)
                 continue
-            boxes_agree = (iou[j, same] >= into.min_iou_required) | np.all(
-                np.abs(boxes_g[same] - boxes_r[j]) <= box_atol, axis=1
-            )
             # among candidates with the same box (clipped boxes can coincide), the closest score
-            k = same[np.argmin(np.where(boxes_agree, np.abs(scores_g[same] - scores_r[j]), np.inf))]
-            if not boxes_agree.any():
-                k = same[np.argmax(iou[j, same])]
-            diff = abs(float(scores_r[j]) - float(scores_g[k]))
-            same_box = bool(boxes_agree[np.flatnonzero(same == k)[0]])
-            if same_box and diff <= into.score_tol:
+            if agree.any():
+                k = int(np.argmin(np.where(agree, diffs, np.inf)))
+            else:
+                k = int(np.argmax(np.where(same, iou[j], -1.0)))
+            if agree[k] and diffs[k] <= into.score_tol:
                 into.matched += 1
-            elif rule.nms_iou is not None and nms_near_tie(
-                iou[j, same], scores_g[same], float(scores_r[j]), rule.nms_iou, policy
-            ):
+            else:
+                unmatched[j] = (float(iou[j, k]), float(diffs[k]))
+        explained: dict[int, str] = {}
+        if rule.nms_iou is not None and unmatched:
+            only_ref = np.array(sorted(unmatched), dtype=np.int64)
+            full = n_got == got["scores"].shape[1]  # the candidate kept as many as it can
+            explained = explain_nms_differences(
+                iou, (scores_r, labels_r), (scores_g, labels_g), only_ref, np.flatnonzero(~paired), rule.nms_iou,
+                policy, float(scores_g.min()) if full else None,
+            )  # fmt: skip
+        for j, (closest_iou, score_diff) in unmatched.items():
+            kind = explained.get(j)
+            if kind == TIE:
                 into.near_ties += 1
-                continue
-            into.min_iou = min(into.min_iou, float(iou[j, k]))
-            into.max_score_diff = max(into.max_score_diff, diff)
+            elif kind == CASCADE:
+                into.cascaded += 1
+            else:
+                into.min_iou = min(into.min_iou, closest_iou)
+                into.max_score_diff = max(into.max_score_diff, score_diff)

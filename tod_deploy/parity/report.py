@@ -114,13 +114,17 @@ class DetectionAgreement:
     min_iou: float = 1.0
     max_score_diff: float = 0.0
     near_ties: int = 0  # unmatched because NMS met two overlapping boxes with (nearly) equal scores
+    cascaded: int = 0  # unmatched because a near-tie above it changed which box suppressed it
+    # checked reference boxes scoring exactly as another does (dead features give whole plateaus): which of
+    # them a runtime keeps is its own choice, so near-ties among them are not evidence of an error
+    tied: int = 0
 
     @property
     def ok(self) -> bool:
-        allowed = max(1, int(self.checked * self.max_excused_share))
+        allowed = max(1, int(self.checked * self.max_excused_share)) + self.tied
         return (
             self.near_ties <= allowed
-            and self.matched + self.near_ties == self.checked
+            and self.matched + self.near_ties + self.cascaded == self.checked
             and self.count_diff <= max(1, int(self.reference * self.max_excused_share))
         )
 
@@ -129,8 +133,9 @@ class DetectionAgreement:
 
     def failure(self) -> str:
         return (
-            f"{self.name}: {self.matched} of {self.checked} matched, {self.near_ties} NMS near-ties "
-            f"(IoU >= {self.min_iou_required}, score within {self.score_tol:g}), min IoU {self.min_iou:.4f}, "
+            f"{self.name}: {self.matched} of {self.checked} matched (IoU >= {self.min_iou_required}, score within "
+            f"{self.score_tol:g}), {self.near_ties} NMS near-ties ({self.tied} boxes tie exactly in the reference), "
+            f"{self.cascaded} boxes the near-ties changed; unexplained: min IoU {self.min_iou:.4f}, "
             f"max score diff {self.max_score_diff:.3g}, count differs by {self.count_diff}"
         )
 
