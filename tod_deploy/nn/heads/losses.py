@@ -57,7 +57,9 @@ def dense_loss(
     pos_thr: float, neg_thr: float, min_pos_iou: float | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One image of an anchor head: logits [A, C] (C = 1 for RPN objectness), deltas [A, 4].
-    The RPN (``gt_labels`` None) learns from a random sample of anchors; RetinaNet's focal loss from all."""
+    The RPN (``gt_labels`` None) learns from a random sample of anchors, both its losses averaged over
+    the sample (mmdet's AnchorHead with sampling); RetinaNet's focal loss from all, averaged over the
+    positives."""
     assigned = assign_max_iou(anchors, gt_boxes, pos_thr, neg_thr, min_pos_iou)
     used = random_sample(assigned, *RPN_SAMPLER) if gt_labels is None else assigned != IGNORE
     pos = used & (assigned >= 0)
@@ -65,15 +67,16 @@ def dense_loss(
     if pos.any():
         cls_index = gt_labels[assigned[pos]] if gt_labels is not None else torch.zeros_like(assigned[pos])
         target[pos.nonzero().squeeze(1), cls_index] = 1.0
-    num_pos = max(int(pos.sum()), 1)
     if gt_labels is None:
-        cls = F.binary_cross_entropy_with_logits(logits[used], target[used], reduction="sum") / max(int(used.sum()), 1)
+        average = max(int(used.sum()), 1)
+        cls = F.binary_cross_entropy_with_logits(logits[used], target[used], reduction="sum") / average
     else:
-        cls = sigmoid_focal_loss(logits[used], target[used], reduction="sum") / num_pos
+        average = max(int(pos.sum()), 1)
+        cls = sigmoid_focal_loss(logits[used], target[used], reduction="sum") / average
     reg = deltas.sum() * 0.0
     if pos.any():
         reg = (deltas[pos] - encode_deltas(anchors[pos], gt_boxes[assigned[pos]], (1.0, 1.0, 1.0, 1.0))).abs().sum()
-        reg = reg / num_pos
+        reg = reg / average
     return cls, reg
 
 
@@ -82,7 +85,8 @@ def roi_loss(
     stds: tuple[float, ...], iou_thr: float, class_agnostic: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One image of a box head: logits [P, C + 1] (background last), deltas [P, 4C or 4], on a random
-    sample of the proposals (ground truths included, as mmdet appends them)."""
+    sample of the proposals (ground truths included, as mmdet appends them). Both losses are averaged
+    over the sample, as mmdet's BBoxHead.loss (``avg_factor=bbox_targets.size(0)``)."""
     assigned = assign_max_iou(rois, gt_boxes, iou_thr, iou_thr, None)
     used = random_sample(assigned, *RCNN_SAMPLER)
     pos = used & (assigned >= 0)
@@ -93,5 +97,5 @@ def roi_loss(
     if pos.any():
         d = deltas[pos].view(-1, 1 if class_agnostic else num_classes, 4)
         d = d[:, 0] if class_agnostic else d[torch.arange(d.shape[0]), labels[pos]]
-        reg = (d - encode_deltas(rois[pos], gt_boxes[assigned[pos]], stds)).abs().sum() / max(int(pos.sum()), 1)
+        reg = (d - encode_deltas(rois[pos], gt_boxes[assigned[pos]], stds)).abs().sum() / max(int(used.sum()), 1)
     return cls, reg
