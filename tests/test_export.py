@@ -110,7 +110,7 @@ def test_failed_verification_leaves_no_artifact(tmp_path: Path, monkeypatch: pyt
 
     def strict_verify(*args: object, **kwargs: object) -> object:
         strict = replace(FP32, atol=0.0, rtol=0.0, scale_rtol=0.0)  # no export is bit-exact
-        return real(*args, **{**kwargs, "policy": strict})
+        return real(*args, **{**kwargs, "policy": strict, "seeds": (0,)})  # one input fails it
 
     monkeypatch.setattr(pipeline, "verify_onnx", strict_verify)
     with pytest.raises(UserError, match=r"verification failed, nothing written: output pred_\w+: \d+ of \d+ elements"):

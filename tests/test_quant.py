@@ -245,6 +245,7 @@ def test_tod_nodes_stay_fp32_and_run(dfr_plugin_small: ExportResult, tmp_path: P
     assert not qdq_summary(onnx.load(str(int8.output))).scales  # DFR-Det FCOS: every real layer feeds one
 
 
+@pytest.mark.slow  # three INT8 calibrations: 30-35 s of a CI run near its 40 minutes
 def test_calibration_is_reproducible(bh_small: ExportResult, tmp_path: Path) -> None:
     src = copy_export(bh_small, tmp_path)  # BH Faster R-CNN at 128x160: three quantize runs in half the time
 
