@@ -96,12 +96,16 @@ def parity_table(report: Any) -> Table:
         if d.output is not None:
             add(d.output, f"teacher-forced, {d.flips_line()}")
     for d in [*report.selections, *([report.detections] if report.detections is not None else [])]:
+        excused = []
+        if d.near_ties:
+            excused.append(f"{d.near_ties} NMS near-ties")
+        if d.cascaded:
+            excused.append(f"{d.cascaded} changed by them")
         table.add_row(
             d.name, f"IoU min {d.min_iou:.4f}", f"score diff {d.max_score_diff:.2g}",
             f"IoU>={d.min_iou_required} / {d.score_tol:g}",
             f"{d.checked - d.matched - d.near_ties - d.cascaded}/{d.checked}",
-            ("ok" if d.ok else "FAIL") + (f" ({d.near_ties} NMS near-ties" if d.near_ties else "")
-            + (f", {d.cascaded} changed by them" if d.cascaded else "") + (")" if d.near_ties else ""),
+            ("ok" if d.ok else "FAIL") + (f" ({', '.join(excused)})" if excused else ""),
         )  # fmt: skip
     return table
 
