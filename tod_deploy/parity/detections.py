@@ -73,6 +73,8 @@ def agree_detections(
         shared = np.isin(scores_r, values[counts > 1])
         unmatched: dict[int, tuple[float, float]] = {}  # reference index -> (IoU, score diff) of its closest box
         for j in range(n_ref):
+            if scores_r[j] <= floor and rule.nms_iou is None:
+                continue  # only explaining NMS differences needs the pairs of unchecked boxes
             same = labels_g == labels_r[j]
             near = np.all(np.abs(boxes_g - boxes_r[j]) <= box_atol, axis=1)
             agree = same & ((iou[j] >= into.min_iou_required) | near)
