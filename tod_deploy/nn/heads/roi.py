@@ -2,7 +2,8 @@
 
 Exported with standard ONNX ops (RoiAlign, Softmax, NonMaxSuppression or soft-NMS's Loop, TopK).
 RoIs of other levels are replaced by an empty box before each level's RoIAlign, which costs one
-sample per bin; the graph stays batch-generic with no data-dependent shapes.
+sample per bin; the graph stays batch-generic with no data-dependent shapes. Training pools each level's
+RoIs only (same values, cheaper backward).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class RoIExtractor(nn.Module):
 
     def forward(self, feats: list[Tensor], rois: Tensor) -> Tensor:
         levels = self.target_levels(rois)
+        if self.training:
+            return self.pooled_by_level(feats, rois, levels)
         out = None
         for level, stride in enumerate(self.strides):
             on_level = levels == level
@@ -58,6 +61,21 @@ class RoIExtractor(nn.Module):
             # a scalar, not zeros_like: constant folding would store a [P, C, 7, 7] zero tensor in the file
             pooled = torch.where(on_level[:, None, None, None], pooled, 0.0)
             out = pooled if out is None else out + pooled
+        return out
+
+    def pooled_by_level(self, feats: list[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
+        """The training form: each level pools only its own RoIs, as mmdet does; the same values as the
+        static form. The static form's RoIAlign of every RoI on every level, and its masks, cost a
+        two-stage training step 19 % on the CPU (SR-TOD, 128x128, batch 4)."""
+        out = rois.new_zeros(rois.shape[0], feats[0].shape[1], self.output_size, self.output_size)
+        for level, stride in enumerate(self.strides):
+            index = (levels == level).nonzero().squeeze(1)
+            if index.numel():
+                pooled = roi_align(
+                    feats[level], rois[index], self.output_size, spatial_scale=1.0 / stride, sampling_ratio=0,
+                    aligned=True,
+                )  # fmt: skip
+                out = out.index_copy(0, index, pooled)
         return out
 
 
