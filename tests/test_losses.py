@@ -13,7 +13,6 @@ from tod_deploy.nn.heads.losses import (
     random_sample,
     roi_loss,
 )
-from tod_deploy.nn.heads.roi import RoIExtractor
 
 
 def _assigned(positives: int, negatives: int, ignored: int) -> torch.Tensor:
@@ -59,24 +58,3 @@ def test_two_stage_box_losses_are_averaged_over_the_sample() -> None:
     _, retina_reg = dense_loss(torch.zeros(4, 1), deltas, BOXES, GT, torch.tensor([0]), 0.5, 0.4, 0.0)
     assert float(retina_reg) == 4.0
 
-
-def test_extractor_training_form_pools_exactly_as_the_exported_form() -> None:
-    """RoIExtractor in training pools each level's RoIs only; the exported form pools every RoI on every
-    level and masks. Values and gradients must be the same, bit for bit."""
-    generator = torch.Generator().manual_seed(3)
-    feats = [torch.randn(2, 8, 512 // s, 512 // s, generator=generator, requires_grad=True) for s in (4, 8, 16, 32)]
-    xy = torch.rand(200, 2, generator=generator) * 520 - 10
-    wh = torch.rand(200, 2, generator=generator) ** 3 * 600
-    index = torch.randint(0, 2, (200, 1), generator=generator).float()
-    rois = torch.cat([index, xy, xy + wh], 1)
-    extractor = RoIExtractor()
-    assert extractor.target_levels(rois).unique().numel() == 4  # every level in play
-    outputs = {}
-    for training in (False, True):
-        extractor.train(training)
-        pooled = extractor(feats, rois)
-        grads = torch.autograd.grad((pooled**2).sum(), feats)
-        outputs[training] = (pooled, grads)
-    assert torch.equal(outputs[True][0], outputs[False][0])
-    for got, expected in zip(outputs[True][1], outputs[False][1], strict=True):
-        assert torch.equal(got, expected)

@@ -41,8 +41,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     union = area_a[:, None] + area_b[None, :] - inter
     iou = inter / np.maximum(union, 1e-12)
     # Degenerate (zero-area) boxes have no IoU; count them as overlapping exactly when they coincide.
-    same = np.all(np.abs(a[:, None, :] - b[None, :, :]) <= 1e-3, axis=2)
-    return np.where(union <= 1e-12, same.astype(iou.dtype), iou)
+    rows, cols = np.nonzero(union <= 1e-12)
+    iou[rows, cols] = np.all(np.abs(a[rows] - b[cols]) <= 1e-3, axis=1)
+    return iou
 
 
 def new_agreement(policy: ParityPolicy, name: str = "detections") -> DetectionAgreement:

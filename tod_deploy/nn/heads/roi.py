@@ -2,8 +2,8 @@
 
 Exported with standard ONNX ops (RoiAlign, Softmax, NonMaxSuppression or soft-NMS's Loop, TopK).
 RoIs of other levels are replaced by an empty box before each level's RoIAlign, which costs one
-sample per bin; the graph stays batch-generic with no data-dependent shapes. Training pools each level's
-RoIs only (same values, cheaper backward).
+sample per bin; the graph stays batch-generic with no data-dependent shapes. Run eagerly, each level pools
+its own RoIs only (the same values, at a fraction of the cost).
 """
 
 from __future__ import annotations
@@ -49,8 +49,12 @@ class RoIExtractor(nn.Module):
 
     def forward(self, feats: list[Tensor], rois: Tensor) -> Tensor:
         levels = self.target_levels(rois)
-        if self.training:
-            return self.pooled_by_level(feats, rois, levels)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self.pooled_static(feats, rois, levels)
+        return self.pooled_by_level(feats, rois, levels)
+
+    def pooled_static(self, feats: list[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
+        """The exported form: every level pools every RoI, those of other levels as empty boxes, then masks."""
         out = None
         for level, stride in enumerate(self.strides):
             on_level = levels == level
@@ -64,9 +68,10 @@ class RoIExtractor(nn.Module):
         return out
 
     def pooled_by_level(self, feats: list[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
-        """The training form: each level pools only its own RoIs, as mmdet does; the same values as the
-        static form. The static form's RoIAlign of every RoI on every level, and its masks, cost a
-        two-stage training step 19 % on the CPU (SR-TOD, 128x128, batch 4)."""
+        """Run eagerly (training, the PyTorch reference of verification): each level pools only its own
+        RoIs, as mmdet does; the same values as the static form, bit for bit. The static form's RoIAlign
+        of every RoI on every level, and its masks, cost a two-stage training step 19 % on the CPU
+        (SR-TOD, 128x128, batch 4) and SR-TOD's reference run at 256x256 5.4 of its 12.5 s."""
         out = rois.new_zeros(rois.shape[0], feats[0].shape[1], self.output_size, self.output_size)
         for level, stride in enumerate(self.strides):
             index = (levels == level).nonzero().squeeze(1)
