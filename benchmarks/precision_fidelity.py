@@ -21,7 +21,7 @@ within 1 point of FP32; FP16 fidelity >= 0.99.
 
 Usage: python benchmarks/precision_fidelity.py [--models bh,sr_tod,cfinet,thumbdet,dfr_det]
            [--checkpoints ~/.cache/tod-deploy/train_synthetic] [--size 512x512] [--images 16]
-           [--calib-size 64] [--iters 5] [--threads N] [--fidelity-score 0.05] [--out DIR] [--json FILE]
+           [--calib-size 64] [--iters 5] [--threads N] [--fidelity-score 0.3] [--out DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.environment import environment
-from tod_deploy.evaluation.run import evaluate_model
+from tod_deploy.evaluation.run import FIDELITY_MIN_SCORE, evaluate_model
 from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES, generate_synthetic
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.parity.comparator import verification_images
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=64, help="Calibration images (--calib-size).")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--fidelity-score", type=float, default=0.05)
+    parser.add_argument("--fidelity-score", type=float, default=FIDELITY_MIN_SCORE, help="As eval's default.")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tod_deploy.errors import UserError
+from tod_deploy.evaluation.run import FIDELITY_MIN_SCORE
 from tod_deploy.registry import method_names
 
 app = typer.Typer(
@@ -688,7 +689,7 @@ def eval_cmd(
     ] = False,
     fidelity_score: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Reference detections scoring at least this count as ground truth.")
-    ] = 0.3,
+    ] = FIDELITY_MIN_SCORE,
     min_ap50: Annotated[
         float | None,
         typer.Option(min=0.0, max=1.0, help="Exit 1 if any row's AP50 is below this fraction (e.g. 0.5): a CI gate."),
