@@ -57,4 +57,3 @@ def test_two_stage_box_losses_are_averaged_over_the_sample() -> None:
     # RetinaNet (no sampling) averages its focal and L1 losses over the positives: 4 / 1
     _, retina_reg = dense_loss(torch.zeros(4, 1), deltas, BOXES, GT, torch.tensor([0]), 0.5, 0.4, 0.0)
     assert float(retina_reg) == 4.0
-
