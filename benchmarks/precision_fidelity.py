@@ -40,8 +40,9 @@ from train_synthetic import CLASSES, DEFAULT_CACHE, MODELS, VAL_SEED
 from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.bench.timing import time_interleaved
+from tod_deploy.cli import FIDELITY_MIN_SCORE
 from tod_deploy.environment import environment
-from tod_deploy.evaluation.run import FIDELITY_MIN_SCORE, evaluate_model
+from tod_deploy.evaluation.run import evaluate_model
 from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES, generate_synthetic
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.parity.comparator import verification_images

@@ -27,11 +27,6 @@ from tod_deploy.evaluation.coco_eval import category_lookup, detections_as_groun
 from tod_deploy.evaluation.datasets import Letterbox, load_coco, load_image
 
 FIDELITY_MAX_DETS = 1000
-# The reference's detections that count as ground truth: confident ones. The candidate keeps every box
-# down to the model's own score floor (0.05), so a box scoring 0.31 in FP32 and 0.29 in INT8 still
-# matches; with the reference at the floor too, every box near 0.05 that a precision change moves
-# across it counts as a miss, though no user keeps such boxes.
-FIDELITY_MIN_SCORE = 0.3
 Log = Callable[[str], None]
 
 
