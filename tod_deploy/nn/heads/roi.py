@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from tod_deploy.nn.anchors import decode_deltas
+from tod_deploy.nn.heads.roi_align import roi_align_mmdet
 from tod_deploy.nn.postprocess import grouped_nms_topk, pad_invalid, pad_past_threshold
 from tod_deploy.nn.soft_nms import SoftNMSConfig, soft_nms
 
@@ -71,15 +72,13 @@ class RoIExtractor(nn.Module):
         """Run eagerly (training, the PyTorch reference of verification): each level pools only its own
         RoIs, as mmdet does; the same values as the static form, bit for bit. The static form's RoIAlign
         of every RoI on every level, and its masks, cost a two-stage training step 19 % on the CPU
-        (SR-TOD, 128x128, batch 4) and SR-TOD's reference run at 256x256 5.4 of its 12.5 s."""
+        (SR-TOD, 128x128, batch 4) and SR-TOD's reference run at 256x256 5.4 of its 12.5 s. Its gradient
+        is two matrix products (``roi_align_mmdet``), not torchvision's one-thread scatter."""
         out = rois.new_zeros(rois.shape[0], feats[0].shape[1], self.output_size, self.output_size)
         for level, stride in enumerate(self.strides):
             index = (levels == level).nonzero().squeeze(1)
             if index.numel():
-                pooled = roi_align(
-                    feats[level], rois[index], self.output_size, spatial_scale=1.0 / stride, sampling_ratio=0,
-                    aligned=True,
-                )  # fmt: skip
+                pooled = roi_align_mmdet(feats[level], rois[index], self.output_size, 1.0 / stride)
                 out = out.index_copy(0, index, pooled)
         return out
 
