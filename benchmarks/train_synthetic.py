@@ -62,7 +62,8 @@ MODELS: dict[str, tuple[str, dict[str, Any], str, float]] = {
     "sr_tod": ("sr_tod", {"model": {"detector": "faster_rcnn"}}, "sgd", 0.01),
     "bh": ("bh", {"model": {"backbone": "bh_hrnet18", "detector": "fcos"}}, "sgd", 0.01),
     "bh_frcnn": ("bh", {"model": {"backbone": "bh_resnet50", "detector": "faster_rcnn"}}, "sgd", 0.01),
-    "cfinet": ("cfinet", {}, "sgd", 0.01),
+    # stage 0's loss weighed as at upstream's 1216x1216 (crpn_losses): at 128x128 it is 90x that, and dominated
+    "cfinet": ("cfinet", {"model": {"stage0_average_hw": [1216, 1216]}}, "sgd", 0.01),
     "dfr_det": ("dfr_det", {"model": {"detector": "fcos"}}, "adamw", 1e-3),
 }
 CLASSES = ("object",)  # the synthetic set's one category

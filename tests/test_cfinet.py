@@ -197,3 +197,23 @@ def test_one_training_step_with_feature_imitation() -> None:
     model.zero_grad()
     again = model.training_losses(images, targets)
     assert torch.isfinite(again["loss_con"]) and again["loss_con"] > 0
+
+
+def test_stage0_loss_averaged_over_the_anchors_of_a_chosen_input() -> None:
+    """By default stage 0 divides by the batch images' own anchors / 200, as mmdet's Cascade RPN; with
+    ``stage0_average_hw`` by those of that input, so the term is smaller by exactly the anchor ratio."""
+    images = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 255
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 18.0, 30.0], [100.0, 100.0, 140.0, 132.0]]),
+                "labels": torch.tensor([1, 4])}]  # fmt: skip
+    terms = []
+    for model_section in ({}, {"stage0_average_hw": [1216, 1216]}):
+        torch.manual_seed(0)
+        model, _ = build_training_model(recipe(**model_section), None, log=quiet)
+        model.train()
+        with torch.no_grad():
+            hws = [f.shape[-2:] for f in model.features(images)]
+            terms.append(float(model.training_losses(images, targets)["s0.loss_rpn_reg"]))
+        anchors = model.stage0_average_anchors((256, 256))
+    assert sum(h * w for h, w in hws) == 64 * 64 + 32 * 32 + 16 * 16 + 8 * 8  # the default: the image's own
+    assert anchors == 304 * 304 + 152 * 152 + 76 * 76 + 38 * 38  # 1216x1216's four levels
+    assert terms[0] > 0 and math.isclose(terms[1], terms[0] * 5440 / anchors, rel_tol=1e-5)

@@ -15,6 +15,7 @@ Keys follow the public code (mmdet 2): ``backbone.*``, ``neck.*`` (4 outputs, no
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,10 @@ class CFINetConfig:
     rpn_iou: float = 0.5
     nms_iou: float = 0.5
     train_rpn_iou: float = 0.8  # rpn_proposal NMS in training
+    # Training only. Stage 0 averages its IoU loss over the input's anchors / 200 (mmdet's Cascade RPN);
+    # set (H, W) to average over the anchors of that input instead, e.g. upstream's 1216x1216 when
+    # training on much smaller images of objects of the same pixel size (see crpn_losses).
+    stage0_average_hw: tuple[int, int] | None = None
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
@@ -74,6 +79,11 @@ class CFINet(TrainingModel):
     def features(self, images: Tensor) -> list[Tensor]:
         return self.neck(self.backbone((images - self.mean) / self.std))
 
+    def stage0_average_anchors(self, image_hw: tuple[int, int]) -> int:
+        """Anchors per image that stage 0's loss is averaged over: one per location of every level."""
+        h, w = self.cfg.stage0_average_hw or image_hw
+        return sum(math.ceil(h / s) * math.ceil(w / s) for s in self.rpn_head.cfg.strides)
+
     def deploy(self, recipe: Recipe) -> CFINetDeploy:
         net = copy.deepcopy(self).eval()
         net.roi_head.without_imitation()
@@ -86,7 +96,7 @@ class CFINet(TrainingModel):
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
         feats = self.features(images)
         rpn = self.rpn_head(feats, image_hw)
-        losses = crpn_losses(rpn, targets)
+        losses = crpn_losses(rpn, targets, self.stage0_average_anchors(image_hw))
         with torch.no_grad():
             train_cfg = ProposalConfig(self.cfg.rpn_nms_pre, self.cfg.rpn_max_per_img, self.cfg.train_rpn_iou)
             proposals, _, valid = self.rpn_head.proposals(rpn, image_hw, train_cfg)
