@@ -4,9 +4,11 @@ ratio against FP32 in onnxruntime, the fidelity to FP32 and the AP50 on held-out
 For each model (benchmarks/train_synthetic.py's names and settings): export FP32, from
 ``--checkpoints DIR/<model>.pth`` when there (seeded random weights otherwise: then AP50 means
 nothing and fidelity mostly measures near-tied random scores), then ``quantize --precision fp16`` and
-``--precision int8`` for both ``--target`` layouts (tensorrt, onnxruntime), calibrated on the training
-split of train_synthetic's cache when there (the data the model was trained on, as a user calibrates),
-else calibration/photos. Then, as a user runs them:
+``--precision int8`` for both ``--target`` layouts (tensorrt, onnxruntime), calibrated on ``--calib-size``
+images the training set's generator makes at ``--size`` (train_synthetic's training seed): the data the
+model learnt from, at the size it is deployed at, as a user calibrates. (Its 128x128 training images,
+letterboxed up to 512x512, show objects 4x larger than the model will see, and calibrate the wrong
+ranges.) Then, as a user runs them:
 
 - ``eval`` over a held-out synthetic set (``--data``; default: made at ``--size`` with train_synthetic's
   held-out seed, so the images are new to the model) with every file as a row and ``--fidelity``:
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from train_synthetic import CLASSES, DEFAULT_CACHE, MODELS, VAL_SEED
+from train_synthetic import CLASSES, DEFAULT_CACHE, MODELS, TRAIN_SEED, VAL_SEED
 
 from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
@@ -57,15 +59,15 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def calibration_images(checkpoints: Path | None) -> Path | None:
-    """train_synthetic's training images (any size), or None for calibration/photos."""
-    if checkpoints is None:
-        return None
-    folders = sorted(checkpoints.glob(f"data-*/train/{IMAGES}"))
-    return folders[0] if folders else None
+def synthetic_set(folder: Path, images: int, seed: int, size: str) -> Path:
+    """A synthetic COCO set at ``size`` (HxW), made once in ``folder``."""
+    if not (folder / ANNOTATIONS).is_file():
+        size_hw = tuple(int(v) for v in size.split("x"))
+        generate_synthetic(folder, images=images, seed=seed, size_hw=size_hw)  # type: ignore[arg-type]
+    return folder
 
 
-def measure(name: str, args: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
+def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: Path) -> dict[str, Any]:
     method, extra, _, _ = MODELS[name]
     checkpoint = args.checkpoints / f"{name}.pth" if args.checkpoints else None
     if checkpoint is not None and not checkpoint.is_file():
@@ -80,7 +82,7 @@ def measure(name: str, args: argparse.Namespace, data: Path, out: Path) -> dict[
     for label, precision, target in VARIANTS:
         log(f"{name}: quantize {label} ...")
         path = fp32.with_name(f"{name}.{precision}{'-' + target if target else ''}.onnx")
-        result = quantize_model(fp32, precision, calib=calibration_images(args.checkpoints), calib_size=args.calib_size,
+        result = quantize_model(fp32, precision, calib=calib, calib_size=args.calib_size,
                                 target=target or "tensorrt", output=path, log=log, show_progress=False)  # fmt: skip
         files[label] = result.output
     report = evaluate_model(fp32, data / ANNOTATIONS, data / IMAGES, backends="onnxruntime", class_agnostic=True,
@@ -133,17 +135,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="precision-"))
-    data = args.data or out / f"held-out-{args.size}"
-    if not (data / ANNOTATIONS).is_file():
-        size_hw = tuple(int(v) for v in args.size.split("x"))
-        generate_synthetic(data, images=args.images, seed=VAL_SEED, size_hw=size_hw)  # type: ignore[arg-type]
+    data = args.data or synthetic_set(out / f"held-out-{args.size}", args.images, VAL_SEED, args.size)
+    calib = synthetic_set(out / f"calibration-{args.size}", args.calib_size, TRAIN_SEED, args.size) / IMAGES
     print(f"CPU: {environment()['cpu']}, {args.threads} threads; held-out set {data}; "
           f"checkpoints {args.checkpoints or 'none (seeded random weights)'}")  # fmt: skip
     summary = []
     heading = ("model", "precision", "median ms", "FPS ratio", "fidelity", "AP50", "AP")
     print("{:9s} {:26s} {:>9s} {:>9s} {:>8s} {:>6s} {:>6s}".format(*heading))
     for name in args.models.split(","):
-        result = measure(name, args, data, out)
+        result = measure(name, args, data, calib, out)
         summary.append(result)
         for r in result["rows"]:
             scores = (percent(r["fidelity_ap50"]), percent(r["ap50"]), percent(r["ap"]))
