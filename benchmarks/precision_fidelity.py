@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from train_synthetic import CLASSES, DEFAULT_CACHE, MODELS, TRAIN_SEED, VAL_SEED
+from train_synthetic import CLASSES, DEFAULT_CACHE, MODELS, TRAIN_SEED, VAL_SEED, synthetic_split
 
 from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
@@ -45,7 +45,7 @@ from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.cli import FIDELITY_MIN_SCORE
 from tod_deploy.environment import environment
 from tod_deploy.evaluation.run import evaluate_model
-from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES, generate_synthetic
+from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.parity.comparator import verification_images
 from tod_deploy.quant.pipeline import quantize_model
@@ -57,14 +57,6 @@ VARIANTS = (("fp16", "fp16", None), ("int8 (tensorrt layout)", "int8", "tensorrt
 
 def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def synthetic_set(folder: Path, images: int, seed: int, size: str) -> Path:
-    """A synthetic COCO set at ``size`` (HxW), made once in ``folder``."""
-    if not (folder / ANNOTATIONS).is_file():
-        size_hw = tuple(int(v) for v in size.split("x"))
-        generate_synthetic(folder, images=images, seed=seed, size_hw=size_hw)  # type: ignore[arg-type]
-    return folder
 
 
 def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: Path) -> dict[str, Any]:
@@ -135,8 +127,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="precision-"))
-    data = args.data or synthetic_set(out / f"held-out-{args.size}", args.images, VAL_SEED, args.size)
-    calib = synthetic_set(out / f"calibration-{args.size}", args.calib_size, TRAIN_SEED, args.size) / IMAGES
+    size_hw = tuple(int(v) for v in args.size.split("x"))
+    data = args.data or synthetic_split(out / f"held-out-{args.size}", args.images, VAL_SEED, size_hw)  # type: ignore[arg-type]
+    calib = synthetic_split(out / f"calibration-{args.size}", args.calib_size, TRAIN_SEED, size_hw) / IMAGES  # type: ignore[arg-type]
     print(f"CPU: {environment()['cpu']}, {args.threads} threads; held-out set {data}; "
           f"checkpoints {args.checkpoints or 'none (seeded random weights)'}")  # fmt: skip
     summary = []
