@@ -49,6 +49,7 @@ from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.parity.comparator import verification_images
 from tod_deploy.quant.pipeline import quantize_model
+from tod_deploy.recipes import parse_input_size
 
 # (row label as eval names a compared file, precision, INT8 layout)
 VARIANTS = (("fp16", "fp16", None), ("int8 (tensorrt layout)", "int8", "tensorrt"),
@@ -127,9 +128,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="precision-"))
-    size_hw = tuple(int(v) for v in args.size.split("x"))
-    data = args.data or synthetic_split(out / f"held-out-{args.size}", args.images, VAL_SEED, size_hw)  # type: ignore[arg-type]
-    calib = synthetic_split(out / f"calibration-{args.size}", args.calib_size, TRAIN_SEED, size_hw) / IMAGES  # type: ignore[arg-type]
+    size_hw = parse_input_size(args.size)
+    data = args.data or synthetic_split(out / f"held-out-{args.size}", args.images, VAL_SEED, size_hw)
+    calib = synthetic_split(out / f"calibration-{args.size}", args.calib_size, TRAIN_SEED, size_hw) / IMAGES
     print(f"CPU: {environment()['cpu']}, {args.threads} threads; held-out set {data}; "
           f"checkpoints {args.checkpoints or 'none (seeded random weights)'}")  # fmt: skip
     summary = []

@@ -54,7 +54,7 @@ from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES, generate_synthe
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.models import build_training_model
 from tod_deploy.nn.heads.fcos import FCOSHead
-from tod_deploy.recipes import load_recipe
+from tod_deploy.recipes import load_recipe, parse_input_size
 
 # name -> (method, recipe overrides, optimizer, base lr); the trainers' own choices (BH FCOS measured at batch 4)
 MODELS: dict[str, tuple[str, dict[str, Any], str, float]] = {
@@ -204,7 +204,7 @@ def main() -> None:
     method, extra, optimizer_name, base_lr = MODELS[args.model]
     optimizer_name = args.optimizer or optimizer_name
     args.lr = args.lr or base_lr
-    size_hw = tuple(int(v) for v in args.size.split("x"))
+    size_hw = parse_input_size(args.size)
     data = args.cache / f"data-{args.size}"
     train_set = synthetic_split(data / "train", args.images, TRAIN_SEED, size_hw)
     val_set = synthetic_split(data / "val", args.val, VAL_SEED, size_hw)
