@@ -72,6 +72,7 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: list[str]) -> onnx.ModelProto:
         )
     restore_tensor_names(converted, model)
     restore_fp32_outputs(converted, model)
+    convert_fill_values(converted)
     converted.ir_version = min(converted.ir_version or IR_VERSION, IR_VERSION)
     del converted.metadata_props[:]
     converted.metadata_props.extend(model.metadata_props)
@@ -123,6 +124,24 @@ def unshare_initializers(model: onnx.ModelProto, keep_fp32: set[str]) -> onnx.Mo
                 copy.graph.initializer.append(twin)
                 node.input[i] = twin.name
     return copy
+
+
+def convert_fill_values(converted: onnx.ModelProto) -> None:
+    """A converted ConstantOfShape's fill value to float16 (in place).
+
+    The converter declares the node's output float16 but leaves its ``value`` attribute float32, or absent
+    (ONNX's default: a float32 zero), which onnxruntime refuses to load. The RoI extractor's zero tensor
+    (left unfolded at export) is such a node."""
+    declared = {vi.name: vi.type.tensor_type.elem_type for vi in converted.graph.value_info}
+    for node in converted.graph.node:
+        if node.op_type != "ConstantOfShape" or declared.get(node.output[0]) != onnx.TensorProto.FLOAT16:
+            continue
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        fill = np.zeros(1, np.float32) if value is None else numpy_helper.to_array(value.t)
+        if fill.dtype == np.float32:
+            if value is not None:
+                node.attribute.remove(value)
+            node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(fill.astype(np.float16))))
 
 
 def restore_fp32_outputs(converted: onnx.ModelProto, original: onnx.ModelProto) -> None:
