@@ -227,6 +227,28 @@ def test_int8_two_stage(small_cfinet: ExportResult, tmp_path: Path) -> None:
     assert rms["rpn_cls_logits"] < 0.35 and rms["rpn_bbox_deltas"] < 0.35, rms
 
 
+def test_int8_keeps_only_the_thresholds_last_layer_fp32(sr_tod_small: ExportResult, tmp_path: Path) -> None:
+    """SR-TOD's mask is Sign(difference map - threshold): the reconstruction head's last conv and the
+    arithmetic after it stay FP32, the head's transposed-conv blocks before it are quantized, and the kept
+    conv reads its input through a DequantizeLinear, so that the conv before it ends in a QuantizeLinear
+    and onnxruntime runs it as an integer kernel."""
+    fp32 = onnx.load(str(sr_tod_small.onnx_path))
+    roles = graph_roles(fp32)
+    weight_of = {n.name: n.input[1] for n in fp32.graph.node if n.name in set(roles.layers)}
+    assert [weight_of[n] for n in roles.threshold_layers] == ["model.net.rh.out_conv.conv.0.weight"]
+    assert {roles.op_types[n] for n in roles.threshold_arithmetic} >= {"Sigmoid", "Sub", "Abs"}
+    head = [n for n, w in weight_of.items() if ".rh.up" in w]
+    assert len(head) == 4  # two double convs
+    result = quantize(copy_export(sr_tod_small, tmp_path), "int8", calib_size=1, target="onnxruntime")
+    model = assert_runs_like_an_export(result, "int8")
+    assert set(head) <= set(qdq_summary(model).quantized_layers)
+    assert result.sidecar["quantization"]["kept_fp32"]["feeds a threshold (Sign)"] == roles.threshold_layers
+    producer = {t: n for n in model.graph.node for t in n.output}
+    (kept,) = [n for n in model.graph.node if n.name == roles.threshold_layers[0]]
+    assert producer[kept.input[0]].op_type == "DequantizeLinear"
+    assert optimized_ops(result.output, tmp_path)["QLinearConv"] >= len(head)
+
+
 def test_tod_nodes_stay_fp32_and_run(dfr_plugin_small: ExportResult, tmp_path: Path) -> None:
     src = copy_export(dfr_plugin_small, tmp_path)
     int8 = quantize(src, "int8", calib_size=2)

@@ -61,8 +61,8 @@ class GraphRoles:
     last_layers: list[str] = field(default_factory=list)
     tail: list[str] = field(default_factory=list)  # post-processing nodes, graph order
     custom: list[str] = field(default_factory=list)  # tod-domain nodes
-    threshold_branch: list[str] = field(default_factory=list)  # layers whose every path out goes through Sign
-    threshold_upstream: list[str] = field(default_factory=list)  # every node (any op) whose paths out all do
+    threshold_layers: list[str] = field(default_factory=list)  # layers that reach a Sign through no other layer
+    threshold_arithmetic: list[str] = field(default_factory=list)  # the nodes between them and the Sign
     binarized_upstream: list[str] = field(default_factory=list)  # nodes whose values reach a tod node's input
     op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type (all nodes)
 
@@ -71,7 +71,7 @@ class GraphRoles:
         return {
             "stem": [self.stem] if self.stem else [],
             "last layer of a head": list(self.last_layers),
-            "feeds a threshold (Sign)": list(self.threshold_branch),
+            "feeds a threshold (Sign)": list(self.threshold_layers),
             "feeds a 1-bit layer": [n for n in self.binarized_upstream if n in set(self.layers)],
         }
 
@@ -103,8 +103,15 @@ def graph_roles(model: onnx.ModelProto) -> GraphRoles:
             roles.last_layers.append(node.name)
             tail |= reached
     roles.tail = [n.name for n in nodes if n.name in tail]
-    roles.threshold_upstream = _threshold_branch(nodes, {o.name for o in model.graph.output})
-    roles.threshold_branch = [n for n in roles.threshold_upstream if n in set(roles.layers)]
+    behind_sign = set(_threshold_branch(nodes, {o.name for o in model.graph.output}))
+    arithmetic: set[str] = set()
+    for node in nodes:
+        if is_layer(node) and node.name in behind_sign:
+            reached, _ = _downstream(node, consumers, set())
+            if any(roles.op_types[name] == "Sign" for name in reached):
+                roles.threshold_layers.append(node.name)
+                arithmetic |= reached & behind_sign
+    roles.threshold_arithmetic = [n.name for n in nodes if n.name in arithmetic]
     roles.binarized_upstream = _upstream_of(nodes, [n.input[0] for n in nodes if is_custom(n) and n.input])
     return roles
 
@@ -130,10 +137,13 @@ def _upstream_of(nodes: list[onnx.NodeProto], tensors: list[str]) -> list[str]:
 def _threshold_branch(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[str]:
     """Nodes that reach the graph outputs only through a ``Sign`` (a hard threshold, e.g. SR-TOD's mask).
 
-    Their error moves a threshold's input: INT8 steps (~1% of the range) flip SR-TOD's difference-map
-    mask (threshold 3/255) wholesale, so these nodes stay in FP32 by default (layers, and with the
-    onnxruntime layout, which quantizes more than layers, the arithmetic between them too). Found by
-    walking back from the outputs twice (once stopping at Sign nodes), so whole graphs take linear time.
+    Of these, the layers that reach the Sign through no other layer stay in FP32 by default, with the
+    arithmetic between them and the Sign (SR-TOD: the reconstruction's last conv, its sigmoid and the
+    difference map): their error moves the threshold's input directly, by INT8 steps of the output's range.
+    The layers before them are quantized. Measured on SR-TOD trained 388 steps (512x512, 8 held-out images,
+    onnxruntime layout): keeping the whole reconstruction head in FP32 gave fidelity 96.5 at 2389 ms,
+    keeping only its last conv 96.5 at 2170 ms (FP32: 3221 ms). Found by walking back from the outputs
+    twice (once stopping at Sign nodes), so whole graphs take linear time.
     """
     if not any(n.op_type == "Sign" for n in nodes):
         return []

@@ -208,7 +208,7 @@ def quantize_model(
             # output through its DequantizeLinear leaves that layer ending in a QuantizeLinear alone, which
             # onnxruntime needs to run it as QLinearConv (measured: BH's RPN convs, 9.7 GMAC on P2 alone,
             # stayed float Conv otherwise).
-            decisions = [*roles.threshold_upstream, *roles.binarized_upstream, *roles.custom, *regex_nodes]
+            decisions = [*roles.threshold_arithmetic, *roles.binarized_upstream, *roles.custom, *regex_nodes]
             keep = list(dict.fromkeys([*keep, *roles.tail, *decisions]))
             reads_float = decisions
         quantized = qdq_quantize(
@@ -299,7 +299,7 @@ def _sensitivity(
     from tod_deploy.quant.int8 import qdq_quantize
     from tod_deploy.quant.sensitivity import layer_sensitivity
 
-    role = {n: "threshold" for n in roles.threshold_branch} | {n: "last layer" for n in roles.last_layers}
+    role = {n: "threshold" for n in roles.threshold_layers} | {n: "last layer" for n in roles.last_layers}
     role |= {n: "--exclude" for n in regex_nodes}
     if roles.stem:
         role[roles.stem] = "stem"
