@@ -229,9 +229,9 @@ def test_int8_two_stage(small_cfinet: ExportResult, tmp_path: Path) -> None:
 
 def test_int8_keeps_only_the_thresholds_last_layer_fp32(sr_tod_small: ExportResult, tmp_path: Path) -> None:
     """SR-TOD's mask is Sign(difference map - threshold): the reconstruction head's last conv and the
-    arithmetic after it stay FP32, the head's transposed-conv blocks before it are quantized, and the kept
-    conv reads its input through a DequantizeLinear, so that the conv before it ends in a QuantizeLinear
-    and onnxruntime runs it as an integer kernel."""
+    arithmetic after it stay FP32, the head's blocks before it are quantized (their transposed convs as
+    sub-pixel convs), and the kept conv reads its input through a DequantizeLinear, so that the conv
+    before it ends in a QuantizeLinear and onnxruntime runs it as an integer kernel."""
     fp32 = onnx.load(str(sr_tod_small.onnx_path))
     roles = graph_roles(fp32)
     weight_of = {n.name: n.input[1] for n in fp32.graph.node if n.name in set(roles.layers)}
@@ -241,8 +241,14 @@ def test_int8_keeps_only_the_thresholds_last_layer_fp32(sr_tod_small: ExportResu
     assert len(head) == 4  # two double convs
     result = quantize(copy_export(sr_tod_small, tmp_path), "int8", calib_size=1, target="onnxruntime")
     model = assert_runs_like_an_export(result, "int8")
-    assert set(head) <= set(qdq_summary(model).quantized_layers)
+    quantized = set(qdq_summary(model).quantized_layers)
+    assert set(head) <= quantized
     assert result.sidecar["quantization"]["kept_fp32"]["feeds a threshold (Sign)"] == roles.threshold_layers
+    # onnxruntime has no integer ConvTranspose: the head's two run as 4 phase convs each, quantized
+    transposed = [n.name for n in fp32.graph.node if n.op_type == "ConvTranspose"]
+    assert len(transposed) == 2 and result.sidecar["quantization"]["sub_pixel_convs"] == transposed
+    assert not [n for n in model.graph.node if n.op_type == "ConvTranspose"]
+    assert {f"{t}/phase{ry}{rx}" for t in transposed for ry in (0, 1) for rx in (0, 1)} <= quantized
     producer = {t: n for n in model.graph.node for t in n.output}
     (kept,) = [n for n in model.graph.node if n.name == roles.threshold_layers[0]]
     assert producer[kept.input[0]].op_type == "DequantizeLinear"

@@ -14,7 +14,8 @@ Two layouts (``--target``):
   between them; uint8 activations with a zero point (asymmetric, MLAS's u8s8 kernels), int32 biases
   (QLinearConv takes them), and 7-bit weights (``reduce_range``): on x86 without VNNI, MLAS multiplies
   u8 x s8 pairs into 16-bit sums (VPMADDUBSW) that saturate with full-range weights, so only 7-bit
-  weights give the same integers on every x86 CPU, with VNNI or without.
+  weights give the same integers on every x86 CPU, with VNNI or without. onnxruntime has no integer
+  ConvTranspose, so transposed convs are first rewritten as sub-pixel convs (:mod:`tod_deploy.quant.subpixel`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Int8Layout:
     activation_symmetric: bool
     quantize_bias: bool
     reduce_range: bool
+    sub_pixel: bool  # transposed convs rewritten as convs first (quant.subpixel): the runtime has no int8 one
 
     @property
     def between_layers(self) -> bool:
@@ -65,12 +67,13 @@ class Int8Layout:
             "weights": f"int{7 if self.reduce_range else 8} symmetric per channel",
             "bias": "int32" if self.quantize_bias else "float",
             "op_types": list(self.op_types),
+            "transposed_convs": "as sub-pixel convs" if self.sub_pixel else "as exported",
         }
 
 
 INT8_LAYOUTS = {
-    "tensorrt": Int8Layout("tensorrt", QUANTIZABLE_OPS, "QInt8", True, False, False),
-    "onnxruntime": Int8Layout("onnxruntime", ONNXRUNTIME_INT8_OPS, "QUInt8", False, True, True),
+    "tensorrt": Int8Layout("tensorrt", QUANTIZABLE_OPS, "QInt8", True, False, False, False),
+    "onnxruntime": Int8Layout("onnxruntime", ONNXRUNTIME_INT8_OPS, "QUInt8", False, True, True, True),
 }
 
 

@@ -147,10 +147,17 @@ def quantize_model(
     # The calibration set first: a missing, altered or unreadable image is found before the model loads.
     cal_set = calibration.read_calibration_set(calibration.resolve_set(calib), decode=True)
 
-    model = load_onnx(model_path)
-    source_precision = next((p.value for p in model.metadata_props if p.key == "precision"), "fp32")
+    exported = load_onnx(model_path)
+    source_precision = next((p.value for p in exported.metadata_props if p.key == "precision"), "fp32")
     if source_precision != "fp32":
         raise UserError(f"{model_path.name} is already {source_precision}", "quantize the FP32 export instead")
+    model, sub_pixel = exported, []
+    if precision == "int8" and layout.sub_pixel:
+        from tod_deploy.quant.subpixel import split_transposed_convs
+
+        model, sub_pixel = split_transposed_convs(exported)
+        if sub_pixel:
+            log(f"{len(sub_pixel)} transposed convs as sub-pixel convs, so that they run on integers")
     roles = graph_roles(model)
     by_regex = match_patterns(list(exclude), [n.name for n in model.graph.node])
     regex_nodes = list(dict.fromkeys(n for hits in by_regex.values() for n in hits))
@@ -220,7 +227,7 @@ def quantize_model(
     _stamp(quantized, precision)
     onnx.checker.check_model(quantized, full_check=False)
 
-    comparison = compare_models(model, quantized, sidecar, precision, integer_kernels=layout.target == "onnxruntime")
+    comparison = compare_models(exported, quantized, sidecar, precision, integer_kernels=layout.target == "onnxruntime")
 
     out_path = Path(output) if output is not None else model_path.with_name(f"{model_path.stem}.{precision}.onnx")
     if out_path.resolve() == model_path.resolve():
@@ -237,6 +244,7 @@ def quantize_model(
         "calibration": {**cal_set.to_dict(), "samples": len(batches) * batch, "seed": seed},
         "exclude_patterns": by_regex,
         "kept_fp32": keep_fp32,
+        "sub_pixel_convs": sub_pixel,
         "comparison": comparison.to_dict(),
     }
     if precision == "int8":
