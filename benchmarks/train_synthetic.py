@@ -78,9 +78,15 @@ def log(line: str) -> None:
 
 
 def synthetic_split(root: Path, images: int, seed: int, size_hw: tuple[int, int]) -> Path:
-    """A synthetic set at the model's input size, made once (same seed, same bytes)."""
+    """A synthetic set at the model's input size, made once (same seed, same bytes). A set already there
+    must be the one asked for: a reused folder would otherwise measure on another set, silently."""
     if not (root / ANNOTATIONS).is_file():
         generate_synthetic(root, images=images, seed=seed, size_hw=size_hw)
+    coco = json.loads((root / ANNOTATIONS).read_text())
+    made = (len(coco["images"]), coco["info"]["seed"], tuple(coco["info"]["size"]))
+    if made != (images, seed, tuple(size_hw)):
+        raise SystemExit(f"{root} holds {made[0]} images of seed {made[1]} at {made[2][0]}x{made[2][1]}, not "
+                         f"{images} of seed {seed} at {size_hw[0]}x{size_hw[1]}: remove it or use another folder")
     return root
 
 
