@@ -39,6 +39,20 @@ def test_unknown_method(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flags", [("-m", "yolo"), ("-m", "thumbdet", "--input-size", "80ax9"),
+                                   ("-m", "thumbdet", "--scale", "3")])  # fmt: skip
+def test_flag_errors_come_before_torch_loads(flags: tuple[str, ...], tmp_path: Path) -> None:
+    """A mistyped method or flag is refused with exit status 2 before torch is imported (seconds)."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['tod-deploy', 'export', *{list(flags)!r}, '--output', {str(tmp_path)!r}]\n"
+        "try:\n    runpy.run_module('tod_deploy.cli', run_name='__main__')\n"
+        "except SystemExit as exit:\n    print('status', exit.code, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["status", "2", "False"], (proc.stdout, proc.stderr)
+
+
 def test_missing_checkpoint(tmp_path: Path) -> None:
     proc = run("export", "-m", "thumbdet", "--checkpoint", str(tmp_path / "x.pth"), "--output", str(tmp_path / "o"))
     assert_one_line_error(proc, "does not exist", "--checkpoint")

@@ -183,7 +183,8 @@ def export_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """PyTorch -> inference graph -> ONNX, verified against PyTorch, written with a JSON sidecar."""
-    from tod_deploy.export.pipeline import export_model
+    from tod_deploy.recipes import load_recipe
+    from tod_deploy.registry import check_method_name
 
     overrides: dict[str, Any] = model_overrides(detector, backbone)
     if input_size is not None:
@@ -205,6 +206,11 @@ def export_cmd(
     extras = tuple(e.strip() for e in (extra_outputs or "").split(",") if e.strip())
     if "diff_map" in extras and "binary_mask" not in extras:
         extras = (*extras, "binary_mask")  # the mask is what users look at beside the map
+    # A mistyped method or flag is refused before torch loads (2.6 s of a 4.6 s refusal otherwise).
+    check_method_name(method)
+    load_recipe(method, variant_of(scale, variant, preset), {k: v for k, v in overrides.items() if k != "classes"})
+    from tod_deploy.export.pipeline import export_model
+
     result = export_model(
         method, output, checkpoint, variant_of(scale, variant, preset), overrides, raw, seed, verify, name,
         extras, log=log,

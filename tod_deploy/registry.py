@@ -27,9 +27,14 @@ def method_names() -> list[str]:
     return list(METHOD_MODULES)
 
 
-def get_method(name: str) -> MethodSpec:
+def check_method_name(name: str) -> None:
+    """Refuse an unknown method without importing it (and torch with it)."""
     if name not in METHOD_MODULES:
         raise UserError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHOD_MODULES))}")
+
+
+def get_method(name: str) -> MethodSpec:
+    check_method_name(name)
     spec = importlib.import_module(METHOD_MODULES[name]).SPEC
     assert spec.name == name, f"{METHOD_MODULES[name]} defines {spec.name}"
     return spec
