@@ -228,6 +228,20 @@ def test_boxes_pushed_off_a_full_list_by_tied_ones_are_excused() -> None:
     assert not _agree(ref, got, nms_iou=0.5).ok
 
 
+def test_only_boxes_above_the_selection_floor_are_counted() -> None:
+    """Proposals of a trained RPN whose objectness underflows: PyTorch scores them 1e-20 and below, where
+    onnxruntime's Sigmoid gives exactly 0, and NMS among the zeros keeps more of them. Boxes within the
+    margin of the score threshold (0 here) are not counted; two more above it are, and fail."""
+    far = [[100.0 + 20 * k, 0.0, 110.0 + 20 * k, 10.0] for k in range(6)]
+    ref = _dets([[0, 0, 10, 10], far[0], far[1]], [0.9, 1e-20, 1e-21], [0, 0, 0])
+    got = _dets([[0, 0, 10, 10], far[0], far[1], far[2], far[3]], [0.9, 0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0, 0])
+    agreement = _agree(ref, got, nms_iou=0.7)
+    assert agreement.count_diff == 0 and agreement.matched == 1 and agreement.ok
+    got = _dets([[0, 0, 10, 10], far[4], far[5], far[0]], [0.9, 0.3, 0.2, 0.0], [0, 0, 0, 0])
+    agreement = _agree(ref, got, nms_iou=0.7)
+    assert agreement.count_diff == 2 and not agreement.ok
+
+
 def test_coinciding_boxes_match_by_score() -> None:
     # Clipped to the image, two proposals can be the same box; each reference one has its own partner.
     full = [0, 0, 512, 512]
