@@ -54,7 +54,7 @@ def split_transposed_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
     and the names of the rewritten nodes. The DepthToSpace keeps the original output tensor's name."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    weights = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    weights = {i.name: i for i in out.graph.initializer}  # converted to arrays only where rewritten
     nodes: list[onnx.NodeProto] = []
     rewritten: list[str] = []
     for node in out.graph.node:
@@ -63,7 +63,7 @@ def split_transposed_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
             nodes.append(node)
             continue
         rows, cols, stride = plan
-        w = weights[node.input[1]]  # [C_in, C_out, kH, kW]
+        w = numpy_helper.to_array(weights[node.input[1]])  # [C_in, C_out, kH, kW]
         bias = list(node.input[2:3])
         phases = []
         for ry, (row_taps, top, bottom) in enumerate(rows):
@@ -92,20 +92,20 @@ def split_transposed_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
 
 
 def _sub_pixel_plan(
-    node: onnx.NodeProto, weights: dict[str, np.ndarray]
+    node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]
 ) -> tuple[list[tuple[list[int], int, int]], list[tuple[list[int], int, int]], int] | None:
     """Row and column phase plans and the stride, or None where the node is not an exact 2D sub-pixel
     upsampling with constant weights, one group, no dilation and no output padding or shape."""
     if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or node.input[1] not in weights:
         return None
-    w = weights[node.input[1]]
+    dims = list(weights[node.input[1]].dims)
     auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
     shaped = any(a.name == "output_shape" for a in node.attribute)
-    if w.ndim != 4 or _group(node) != 1 or auto_pad != "NOTSET" or shaped:
+    if len(dims) != 4 or _group(node) != 1 or auto_pad != "NOTSET" or shaped:
         return None
     if any(d != 1 for d in _ints(node, "dilations", [1, 1])) or any(_ints(node, "output_padding", [0, 0])):
         return None
-    kernel = _ints(node, "kernel_shape", list(w.shape[2:]))
+    kernel = _ints(node, "kernel_shape", dims[2:])
     strides = _ints(node, "strides", [1, 1])
     pads = _ints(node, "pads", [0, 0, 0, 0])
     if strides[0] != strides[1] or strides[0] < 2:
