@@ -208,12 +208,12 @@ def export_cmd(
         extras = (*extras, "binary_mask")  # the mask is what users look at beside the map
     # A mistyped method or flag is refused before torch loads (2.6 s of a 4.6 s refusal otherwise).
     check_method_name(method)
-    load_recipe(method, variant_of(scale, variant, preset), {k: v for k, v in overrides.items() if k != "classes"})
+    recipe_variant = variant_of(scale, variant, preset)
+    load_recipe(method, recipe_variant, {k: v for k, v in overrides.items() if k != "classes"})
     from tod_deploy.export.pipeline import export_model
 
     result = export_model(
-        method, output, checkpoint, variant_of(scale, variant, preset), overrides, raw, seed, verify, name,
-        extras, log=log,
+        method, output, checkpoint, recipe_variant, overrides, raw, seed, verify, name, extras, log=log
     )  # fmt: skip
     if result.verification is not None:
         out.print(parity_table(result.verification))
