@@ -216,6 +216,57 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     assert not report.ok and "--target tensorrt" in json.dumps(report.to_dict())
 
 
+def conv_activation_model(activation: str, channels: int = 8, size: int = 16) -> onnx.ModelProto:
+    """x -> Conv a -> activation -> Conv b and Conv c (both read the activation's output), seeded weights."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        n: rng.normal(0, 0.3, (channels, c, 3, 3)).astype(np.float32)
+        for n, c in (("wa", 3), ("wb", channels), ("wc", channels))
+    }
+    inits = [numpy_helper.from_array(w, n) for n, w in weights.items()]
+    inits += [numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(0.5), "hi")]
+    act = helper.make_node("Relu", ["a"], ["act"], name="act") if activation == "Relu" else (
+        helper.make_node("Clip", ["a", "lo", "hi"], ["act"], name="act"))  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a", pads=[1] * 4),
+        act,
+        helper.make_node("Conv", ["act", "wb"], ["b"], name="conv_b", pads=[1] * 4),
+        helper.make_node("Conv", ["act", "wc"], ["c"], name="conv_c", pads=[1] * 4),
+    ]
+    shape = [1, channels, size, size]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("b", "c")], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_histogram_calibration_holds_one_batch_at_a_time() -> None:
+    """Entropy and percentile calibration fold each batch into their histograms as it runs: onnxruntime's
+    calibrators keep every tensor of every batch handed to one collect_data call (percentile at 512x512
+    on 32 samples ran out of 24 GiB). Peak memory must not grow with the number of batches, and the
+    ranges stay within the tensors' values."""
+    import tracemalloc
+
+    from tod_deploy.quant.calibration import compute_ranges
+
+    model = conv_activation_model("Relu", channels=32, size=96)
+    rng = np.random.default_rng(2)
+    peaks = {}
+    for count in (2, 12):
+        batches = [rng.normal(0, 1, (1, 3, 96, 96)).astype(np.float32) for _ in range(count)]
+        tracemalloc.start()
+        ranges = compute_ranges(model, batches, "entropy", ["Conv"], False, symmetric=False)
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # one batch's calibrated tensors: 4 of 32 x 96 x 96 float32 = 4.7 MB; twelve held at once would be 57 MB
+    assert peaks[12] < 1.5 * peaks[2], peaks
+    low, high = ranges.data["act"].range_value
+    assert float(low) >= 0.0 and 0.0 < float(high)
+
+
 def test_int8_two_stage(small_cfinet: ExportResult, tmp_path: Path) -> None:
     result = quantize(copy_export(small_cfinet, tmp_path), "int8", calib_size=3)
     model = assert_runs_like_an_export(result, "int8")

@@ -193,8 +193,11 @@ def compute_ranges(
         progress, task = progress_bar(len(batches), description, show_progress)
         # onnxruntime's calibrators print their progress on stdout; stdout is for our tables
         with progress, contextlib.redirect_stdout(io.StringIO()):
-            reader = BatchReader(model.graph.input[0].name, batches, lambda: progress.advance(task))
-            calibrator.collect_data(reader)
+            # One batch per collect_data call: the histogram calibrators keep every tensor of every batch
+            # until the call ends (measured: percentile at 512x512 on 32 samples ran out of 24 GiB), and
+            # each call folds its batch into the running min/max or histograms.
+            for one in batches:
+                calibrator.collect_data(BatchReader(model.graph.input[0].name, [one], lambda: progress.advance(task)))
             ranges = calibrator.compute_data()
         del calibrator
     return ranges
