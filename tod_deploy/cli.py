@@ -613,8 +613,12 @@ def quantize_cmd(
         int | None, typer.Option(help="Samples to calibrate on (default: each image once; more adds seeded crops).")
     ] = None,
     method: Annotated[
-        str, typer.Option(metavar="max|entropy|percentile", help="INT8 calibration (percentile: 99.999%).")
-    ] = "max",
+        str,
+        typer.Option(
+            metavar="entropy|max|percentile",
+            help="INT8 calibration: entropy (KL, as TensorRT's calibrator), max, or percentile (99.999%).",
+        ),
+    ] = "entropy",
     exclude: Annotated[
         list[str] | None,
         typer.Option(

@@ -10,8 +10,12 @@ that, every image once plus seeded random crops (50-100% of each side) with rand
 flips, so a 6-photo set still gives N distinct samples. Same set + seed + N -> the same samples,
 hence the same ranges and the same scales.
 
-Ranges come from onnxruntime's calibrators (MinMax, Entropy, Percentile) over the quantizable
+Ranges come from onnxruntime's calibrators (Entropy, MinMax, Percentile) over the quantizable
 layers' tensors; the session is ours so that ``tod`` custom-op nodes run (their library registered).
+Entropy is the default, as TensorRT's own calibrator for CNNs: on the trained checkpoints of
+``benchmarks/train_synthetic.py`` (512x512, 8 held-out images) it kept INT8 fidelity equal or higher
+than max for every model (CFINet 0.858 -> 0.916, BH Faster R-CNN 0.953 -> 0.984 in the onnxruntime
+layout), because max lets the rare peaks of a residual stream set the scale of all its values.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import onnx
 from tod_deploy.errors import UserError
 from tod_deploy.evaluation.datasets import letterbox, read_image_set, read_rgb, sha256_of
 
-METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+METHODS = {"entropy": "Entropy", "max": "MinMax", "percentile": "Percentile"}
 DEFAULT_SET = "photos"
 
 

@@ -124,7 +124,7 @@ def quantize_model(
     precision: str,
     calib: Path | str | None = None,
     calib_size: int | None = None,
-    method: str = "max",
+    method: str = "entropy",
     exclude: tuple[str, ...] | list[str] = (),
     seed: int = 0,
     output: Path | None = None,
