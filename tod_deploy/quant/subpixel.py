@@ -16,14 +16,17 @@ use offers the rewrite (onnxruntime's quantizer, onnx-graphsurgeon, onnxconverte
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 
-def _ints(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
+def _attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    """An attribute's value as onnx.helper decodes it, or ``default`` where the node omits it."""
     attr = next((a for a in node.attribute if a.name == name), None)
-    return list(attr.ints) if attr is not None else default
+    return helper.get_attribute_value(attr) if attr is not None else default
 
 
 def phase_plan(kernel: int, stride: int, pad_begin: int, pad_end: int) -> list[tuple[list[int], int, int]] | None:
@@ -42,11 +45,6 @@ def phase_plan(kernel: int, stride: int, pad_begin: int, pad_end: int) -> list[t
         # input offsets offset - (taps - 1) ... offset, in increasing order: the taps descend
         plan.append(([first + stride * (taps - 1 - t) for t in range(taps)], taps - 1 - offset, offset))
     return plan
-
-
-def _group(node: onnx.NodeProto) -> int:
-    attr = next((a for a in node.attribute if a.name == "group"), None)
-    return attr.i if attr is not None else 1
 
 
 def split_transposed_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -99,15 +97,15 @@ def _sub_pixel_plan(
     if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or node.input[1] not in weights:
         return None
     dims = list(weights[node.input[1]].dims)
-    auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
+    auto_pad = _attribute(node, "auto_pad", b"NOTSET")
     shaped = any(a.name == "output_shape" for a in node.attribute)
-    if len(dims) != 4 or _group(node) != 1 or auto_pad != "NOTSET" or shaped:
+    if len(dims) != 4 or _attribute(node, "group", 1) != 1 or auto_pad != b"NOTSET" or shaped:
         return None
-    if any(d != 1 for d in _ints(node, "dilations", [1, 1])) or any(_ints(node, "output_padding", [0, 0])):
+    if any(d != 1 for d in _attribute(node, "dilations", [1, 1])) or any(_attribute(node, "output_padding", [0, 0])):
         return None
-    kernel = _ints(node, "kernel_shape", dims[2:])
-    strides = _ints(node, "strides", [1, 1])
-    pads = _ints(node, "pads", [0, 0, 0, 0])
+    kernel = _attribute(node, "kernel_shape", dims[2:])
+    strides = _attribute(node, "strides", [1, 1])
+    pads = _attribute(node, "pads", [0, 0, 0, 0])
     if strides[0] != strides[1] or strides[0] < 2:
         return None
     rows = phase_plan(kernel[0], strides[0], pads[0], pads[2])
