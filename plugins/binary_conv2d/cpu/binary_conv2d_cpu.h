@@ -46,6 +46,18 @@ inline bool tile_masked(const Problem& p, bool row_touches_pad, int64_t x0, int6
   return row_touches_pad || touches_padding(x0, x1, p.g.sw, p.g.dw, p.g.kw, p.g.pl, p.g.w);
 }
 
+// Can tap (ky, kx) of output row y, columns [x0, x1], read a 0? Only where the input has zeros, or
+// where that tap reaches into zero padding (a masked tile's other taps read every channel).
+inline bool tap_may_read_zero(const Problem& p, int64_t y, int64_t x0, int64_t x1, int64_t ky, int64_t kx) {
+  if (p.zeros_in_x) return true;
+  if (!p.pad_is_zero) return false;
+  const Geometry& g = p.g;
+  const int64_t iy = y * g.sh + ky * g.dh;  // padded coordinates
+  const int64_t ix0 = x0 * g.sw + kx * g.dw;
+  const int64_t ix1 = x1 * g.sw + kx * g.dw;
+  return iy < g.pt || iy >= g.pt + g.h || ix0 < g.pl || ix1 >= g.pl + g.w;
+}
+
 inline void store_output(const Problem& p, int64_t n, int64_t o, int64_t y, int64_t x, int32_t s) {
   const int64_t at = ((n * p.g.cout + o) * p.g.ho + y) * p.g.wo + x;
   p.out[at] = epilogue(s, p.alpha[o], p.bias ? p.bias[o] : 0.0f);

@@ -72,11 +72,57 @@ TOD_AVX2 void pack_block_impl(const Problem& p, int64_t n, int64_t c0, int nch, 
   }
 }
 
+// The words of one tap for every column vector and output channel of a tile, in byte counters that
+// are flushed into the 64-bit ones every kFlushEvery steps: acc += popc(s ^ w), or with kMaskTap
+// acc += popc((s ^ w) & n) and cnt += popc(n).
+template <int V, int O, bool kMaskTap>
+TOD_AVX2 __attribute__((always_inline)) inline void accumulate_tap(__m256i (&acc8)[V][O], __m256i (&acc)[V][O], __m256i (&cnt8)[V],
+                                                                   __m256i (&cnt)[V], int& steps, const uint64_t* sgn,
+                                                                   const uint64_t* nzp, int64_t idx, int64_t jstep,
+                                                                   int64_t words, const uint64_t* wtap, int64_t ostride,
+                                                                   __m256i lut, __m256i low) {
+  constexpr int kFlushEvery = 31;  // byte counters grow by <= 8 per step
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t j = 0; j < words; ++j, idx += jstep) {
+    __m256i sv[V];
+    __m256i mv[V] = {};
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      sv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sgn + idx + 4 * v));
+      if constexpr (kMaskTap) {
+        mv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nzp + idx + 4 * v));
+        cnt8[v] = _mm256_add_epi8(cnt8[v], popcount_bytes(mv[v], lut, low));
+      }
+    }
+#pragma GCC unroll 4
+    for (int o = 0; o < O; ++o) {
+      const __m256i wv = _mm256_set1_epi64x(static_cast<long long>(wtap[o * ostride + j]));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        __m256i d = _mm256_xor_si256(sv[v], wv);
+        if constexpr (kMaskTap) d = _mm256_and_si256(d, mv[v]);
+        acc8[v][o] = _mm256_add_epi8(acc8[v][o], popcount_bytes(d, lut, low));
+      }
+    }
+    if (++steps == kFlushEvery) {
+      steps = 0;
+      for (int v = 0; v < V; ++v) {
+        cnt[v] = _mm256_add_epi64(cnt[v], _mm256_sad_epu8(cnt8[v], zero));
+        cnt8[v] = zero;
+        for (int o = 0; o < O; ++o) {
+          acc[v][o] = _mm256_add_epi64(acc[v][o], _mm256_sad_epu8(acc8[v][o], zero));
+          acc8[v][o] = zero;
+        }
+      }
+    }
+  }
+}
+
 // One tile: output columns [x0, x0 + 4V) x output channels [o0, o0 + 4) of group grp, row y.
+// A masked tile reads the nonzero plane only for the taps that may read a 0 (see the AVX-512 path).
 template <int V, bool kMasked>
 TOD_AVX2 void tile(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y, int64_t x0) {
   constexpr int O = 4;
-  constexpr int kFlushEvery = 31;  // byte counters grow by <= 8 per step
   const Geometry& g = p.g;
   const ActLayout& a = p.a;
   const int64_t image = n * a.image_words();
@@ -96,45 +142,22 @@ TOD_AVX2 void tile(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t
     for (int o = 0; o < O; ++o) acc8[v][o] = acc[v][o] = zero;
   }
   int steps = 0;
+  int64_t whole_taps = 0;  // taps of a masked tile that read no 0: each counts g.cg channels
   for (int64_t kx = 0; kx < g.kw; ++kx) {
     const int64_t col = a.column(x0 * g.sw + kx * g.dw);
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       const uint64_t* wtap = wt + (ky * g.kw + kx) * g.words;
-      int64_t idx = a.row_base(y * g.sh + ky * g.dh, grp * g.words) + col;
-      for (int64_t j = 0; j < g.words; ++j, idx += jstep) {
-        __m256i sv[V];
-        __m256i mv[V] = {};
-#pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) {
-          sv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sgn + idx + 4 * v));
-          if constexpr (kMasked) {
-            mv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nzp + idx + 4 * v));
-            cnt8[v] = _mm256_add_epi8(cnt8[v], popcount_bytes(mv[v], lut, low));
-          }
-        }
-#pragma GCC unroll 4
-        for (int o = 0; o < O; ++o) {
-          const __m256i wv = _mm256_set1_epi64x(static_cast<long long>(wtap[o * ostride + j]));
-#pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) {
-            __m256i d = _mm256_xor_si256(sv[v], wv);
-            if constexpr (kMasked) d = _mm256_and_si256(d, mv[v]);
-            acc8[v][o] = _mm256_add_epi8(acc8[v][o], popcount_bytes(d, lut, low));
-          }
-        }
-        if (++steps == kFlushEvery) {
-          steps = 0;
-          for (int v = 0; v < V; ++v) {
-            cnt[v] = _mm256_add_epi64(cnt[v], _mm256_sad_epu8(cnt8[v], zero));
-            cnt8[v] = zero;
-            for (int o = 0; o < O; ++o) {
-              acc[v][o] = _mm256_add_epi64(acc[v][o], _mm256_sad_epu8(acc8[v][o], zero));
-              acc8[v][o] = zero;
-            }
-          }
-        }
+      const int64_t idx = a.row_base(y * g.sh + ky * g.dh, grp * g.words) + col;
+      if (kMasked && tap_may_read_zero(p, y, x0, std::min<int64_t>(x0 + 4 * V, g.wo) - 1, ky, kx)) {
+        accumulate_tap<V, O, true>(acc8, acc, cnt8, cnt, steps, sgn, nzp, idx, jstep, g.words, wtap, ostride, lut, low);
+      } else {
+        accumulate_tap<V, O, false>(acc8, acc, cnt8, cnt, steps, sgn, nzp, idx, jstep, g.words, wtap, ostride, lut, low);
+        ++whole_taps;
       }
     }
+  }
+  if constexpr (kMasked) {
+    for (int v = 0; v < V; ++v) cnt[v] = _mm256_add_epi64(cnt[v], _mm256_set1_epi64x(whole_taps * g.cg));
   }
   for (int v = 0; v < V; ++v) {
     cnt[v] = _mm256_add_epi64(cnt[v], _mm256_sad_epu8(cnt8[v], zero));

@@ -64,7 +64,45 @@ TOD_AVX512 void pack_block_impl(const Problem& p, int64_t n, int64_t c0, int nch
   }
 }
 
+// The words of one tap for every column vector and output channel of a tile: acc += popc(s ^ w), or
+// with kMaskTap acc += popc((s ^ w) & n) and cnt += popc(n).
+template <int V, bool kMaskTap>
+TOD_AVX512 __attribute__((always_inline)) inline void accumulate_tap(__m512i (&acc)[V][8], __m512i (&cnt)[V], const uint64_t* sgn,
+                                                                     const uint64_t* nzp, int64_t idx, int64_t jstep,
+                                                                     int64_t words, const uint64_t* wtap, int64_t ostride) {
+  for (int64_t j = 0; j < words; ++j, idx += jstep) {
+    __m512i sv[V];
+    __m512i mv[V] = {};
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      sv[v] = _mm512_loadu_si512(sgn + idx + 8 * v);
+      if constexpr (kMaskTap) {
+        mv[v] = _mm512_loadu_si512(nzp + idx + 8 * v);
+        cnt[v] = _mm512_add_epi64(cnt[v], _mm512_popcnt_epi64(mv[v]));
+      }
+    }
+#pragma GCC unroll 8
+    for (int o = 0; o < 8; ++o) {
+      const __m512i wv = _mm512_set1_epi64(static_cast<long long>(wtap[o * ostride + j]));
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        __m512i d;
+        if constexpr (kMaskTap) {
+          // (sign ^ weight) & nonzero as one ternary-logic op: 0xF0 ^ 0xCC = 0x3C, & 0xAA = 0x28.
+          d = _mm512_ternarylogic_epi64(sv[v], wv, mv[v], 0x28);
+        } else {
+          d = _mm512_xor_si512(sv[v], wv);
+        }
+        acc[v][o] = _mm512_add_epi64(acc[v][o], _mm512_popcnt_epi64(d));
+      }
+    }
+  }
+}
+
 // One tile: output columns [x0, x0 + 8V) x output channels [o0, o0 + 8) of group grp, row y.
+// A masked tile (some tap may read a 0) reads the nonzero plane only for the taps that can: with no
+// zeros in the input, those are the taps that reach into zero padding, 3 of 9 on an edge of a 3x3
+// conv; every other tap counts all its channels, as in an unmasked tile.
 template <int V, bool kMasked>
 TOD_AVX512 void tile(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y, int64_t x0) {
   const Geometry& g = p.g;
@@ -75,6 +113,7 @@ TOD_AVX512 void tile(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64
   const uint64_t* wt = p.weights.data() + weight_index(g, grp, o0, 0, 0);
   const int64_t ostride = g.taps * g.words;
   const int64_t jstep = a.word_step();
+  const int64_t x1 = std::min<int64_t>(x0 + 8 * V, g.wo) - 1;  // last column stored
 
   __m512i acc[V][8];
   __m512i cnt[V];
@@ -84,39 +123,23 @@ TOD_AVX512 void tile(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64
 #pragma GCC unroll 8
     for (int o = 0; o < 8; ++o) acc[v][o] = _mm512_setzero_si512();
   }
+  int64_t whole_taps = 0;  // taps of a masked tile that read no 0: each counts g.cg channels
   for (int64_t kx = 0; kx < g.kw; ++kx) {
     const int64_t col = a.column(x0 * g.sw + kx * g.dw);
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       const uint64_t* wtap = wt + (ky * g.kw + kx) * g.words;
-      int64_t idx = a.row_base(y * g.sh + ky * g.dh, grp * g.words) + col;
-      for (int64_t j = 0; j < g.words; ++j, idx += jstep) {
-        __m512i sv[V];
-        __m512i mv[V] = {};
-#pragma GCC unroll 8
-        for (int v = 0; v < V; ++v) {
-          sv[v] = _mm512_loadu_si512(sgn + idx + 8 * v);
-          if constexpr (kMasked) {
-            mv[v] = _mm512_loadu_si512(nzp + idx + 8 * v);
-            cnt[v] = _mm512_add_epi64(cnt[v], _mm512_popcnt_epi64(mv[v]));
-          }
-        }
-#pragma GCC unroll 8
-        for (int o = 0; o < 8; ++o) {
-          const __m512i wv = _mm512_set1_epi64(static_cast<long long>(wtap[o * ostride + j]));
-#pragma GCC unroll 8
-          for (int v = 0; v < V; ++v) {
-            __m512i d;
-            if constexpr (kMasked) {
-              // (sign ^ weight) & nonzero as one ternary-logic op: 0xF0 ^ 0xCC = 0x3C, & 0xAA = 0x28.
-              d = _mm512_ternarylogic_epi64(sv[v], wv, mv[v], 0x28);
-            } else {
-              d = _mm512_xor_si512(sv[v], wv);
-            }
-            acc[v][o] = _mm512_add_epi64(acc[v][o], _mm512_popcnt_epi64(d));
-          }
-        }
+      const int64_t idx = a.row_base(y * g.sh + ky * g.dh, grp * g.words) + col;
+      if (kMasked && tap_may_read_zero(p, y, x0, x1, ky, kx)) {
+        accumulate_tap<V, true>(acc, cnt, sgn, nzp, idx, jstep, g.words, wtap, ostride);
+      } else {
+        accumulate_tap<V, false>(acc, cnt, sgn, nzp, idx, jstep, g.words, wtap, ostride);
+        ++whole_taps;
       }
     }
+  }
+  if constexpr (kMasked) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) cnt[v] = _mm512_add_epi64(cnt[v], _mm512_set1_epi64(whole_taps * g.cg));
   }
 
   const int64_t o_count = std::min<int64_t>(8, g.cog - o0);
