@@ -14,6 +14,7 @@ from setuptools.command.build_ext import build_ext
 SOURCES = [
     "plugins/binary_conv2d/cpu/module.cpp",
     "plugins/binary_conv2d/cpu/binary_conv2d.cpp",
+    "plugins/binary_conv2d/cpu/thread_pool.cpp",
     "plugins/binary_conv2d/cpu/kernels_scalar.cpp",
     "plugins/binary_conv2d/cpu/kernels_avx2.cpp",
     "plugins/binary_conv2d/cpu/kernels_avx512.cpp",
@@ -41,7 +42,11 @@ setup(
             "tod_deploy.ops._binary_conv_cpu",
             sources=SOURCES,
             include_dirs=["plugins/binary_conv2d"],
-            depends=["plugins/binary_conv2d/binary_conv2d_core.h", "plugins/binary_conv2d/cpu/binary_conv2d_cpu.h"],
+            depends=[
+                "plugins/binary_conv2d/binary_conv2d_core.h",
+                "plugins/binary_conv2d/cpu/binary_conv2d_cpu.h",
+                "plugins/binary_conv2d/cpu/thread_pool.h",
+            ],
             language="c++",
         )
     ],

@@ -7,9 +7,11 @@ threshold (and on 0), which is where sign conventions differ.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -232,6 +234,51 @@ def test_kernel_threads_and_layouts_do_not_change_results(zero_sign: int) -> Non
     many = binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, threads=3)
     strided = binary_conv_cpu.binary_conv2d(np.asfortranarray(x), packed, alpha, bias, attrs, threads=2)
     assert np.array_equal(one, many) and np.array_equal(one, strided)
+
+
+def _threaded_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BinaryConvAttrs]:
+    geo = Geometry(65, 40, 40, 41)  # > 2 * 2**20 word ops: the kernel runs shares on its pool threads
+    x, w, alpha, bias = make_inputs(geo)
+    return x, pack_weights(w, -1), alpha, bias, geo.attrs(zero_sign=-1, pad_value=0)
+
+
+def test_kernel_calls_from_many_threads_at_once() -> None:
+    """The worker pool serves one call at a time; calls that find it busy run alone, with the same result."""
+    x, packed, alpha, bias, attrs = _threaded_case()
+    want = binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, threads=1)
+
+    def call(_: int) -> bool:
+        return all(
+            np.array_equal(binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, threads=2), want)
+            for _ in range(10)
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # the kernel releases the GIL
+        assert all(pool.map(call, range(8)))
+
+
+def _kernel_in_child(queue: multiprocessing.Queue) -> None:
+    x, packed, alpha, bias, attrs = _threaded_case()
+    queue.put(binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, threads=2))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork()")
+def test_kernel_runs_in_a_child_forked_after_the_pool_started() -> None:
+    """A forked child has none of the parent's pool threads; it must start its own, not wait for them."""
+    x, packed, alpha, bias, attrs = _threaded_case()
+    want = binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, threads=2)  # the parent's pool runs
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_kernel_in_child, args=(queue,))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():  # pragma: no cover - only when the child hangs
+            child.kill()
+    assert child.exitcode == 0
+    assert np.array_equal(got, want)
 
 
 def test_kernel_isa_selection_and_bad_input() -> None:

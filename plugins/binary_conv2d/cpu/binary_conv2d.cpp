@@ -2,9 +2,11 @@
 // threading and ISA dispatch. The hot loops are in kernels_*.cpp.
 #include "binary_conv2d_cpu.h"
 
+#include "thread_pool.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
-#include <exception>
 #include <memory>
 #include <thread>
 
@@ -50,30 +52,6 @@ std::vector<Isa> supported_isas() {
 }
 
 namespace {
-
-// Static split of [0, items) over `threads` workers, the caller being one of them. Threads are
-// started per phase: a call is milliseconds long, a thread start tens of microseconds.
-template <class F>
-void parallel_for(int64_t items, int threads, F&& fn) {
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, items));
-  if (workers == 1) {
-    fn(0, int64_t(0), items);
-    return;
-  }
-  std::vector<std::thread> pool;
-  int64_t done_inline_from = workers;  // workers whose thread could not start run here
-  for (int64_t t = 1; t < workers; ++t) {
-    try {
-      pool.emplace_back([&fn, t, items, workers] { fn(t, items * t / workers, items * (t + 1) / workers); });
-    } catch (const std::exception&) {
-      done_inline_from = t;
-      break;
-    }
-  }
-  fn(0, int64_t(0), items / workers);
-  for (int64_t t = done_inline_from; t < workers; ++t) fn(t, items * t / workers, items * (t + 1) / workers);
-  for (auto& th : pool) th.join();
-}
 
 void prepare_weights(Problem& p) {
   const Geometry& g = p.g;
@@ -224,36 +202,47 @@ std::string run(Problem& p, Isa isa, int threads) {
   p.sign = sign.get();
   p.nonzero = nonzero.get();
 
-  // Starting a thread costs ~10 us, as much as ~2^20 word operations: small layers run on fewer.
+  // Waking a thread costs ~10 us, as much as ~2^20 word operations: small layers run on fewer.
   const int64_t work = g.n * g.cout * g.ho * g.wo * g.taps * g.words + g.n * g.c * g.h * g.w / 8;
   const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, work >> 20)));
-  std::vector<char> saw_zero(workers, 0);
   const int64_t block_rows = rows_per_block(g);
   const int64_t blocks = ceil_div(g.h, block_rows);
   const int64_t span = block_rows * g.w + 32;  // + slack the SIMD packers may write
-  parallel_for(g.n * p.a.words * blocks, workers, [&](int64_t t, int64_t begin, int64_t end) {
-    std::vector<uint64_t> tmp(2 * static_cast<size_t>(span));
-    for (int64_t item = begin; item < end; ++item) {
+  std::vector<uint64_t> temporaries(2 * static_cast<size_t>(span) * workers);
+  const bool fused = p.residual || p.activation != kActNone;
+  const int64_t otiles = g.cog_pad / 8;
+  const int64_t pack_items = g.n * p.a.words * blocks;
+  const int64_t rows = g.n * g.group * otiles * g.ho;
+  constexpr int64_t kRowsPerGrab = 4;
+
+  // Shares take work as they come: a pool thread wakes tens of microseconds after the caller
+  // starts, so a static split would leave the caller waiting for it. Rows are computed once the
+  // last packed block is in (its packer publishes whether the input had zeros).
+  std::atomic<int64_t> next_block{0}, packed{0}, next_row{0};
+  std::atomic<bool> saw_zero{false}, all_packed{false};
+  run_shares(workers, [&](int t) {
+    uint64_t* tmp = temporaries.data() + 2 * span * t;
+    for (int64_t item; (item = next_block.fetch_add(1)) < pack_items;) {
       const int64_t b = item % blocks;
       const int64_t jw = (item / blocks) % p.a.words;
       const int64_t n = item / (blocks * p.a.words);
       const int64_t y0 = b * block_rows;
-      const int64_t rows = std::min(block_rows, g.h - y0);
-      if (pack_rows(p, pack, n, jw, y0, rows, tmp.data(), tmp.data() + span)) saw_zero[t] = 1;
+      if (pack_rows(p, pack, n, jw, y0, std::min(block_rows, g.h - y0), tmp, tmp + span)) saw_zero.store(true);
+      if (packed.fetch_add(1) + 1 == pack_items) {
+        p.zeros_in_x = g.zero_sign == 0 && saw_zero.load();
+        all_packed.store(true);
+      }
     }
-  });
-  p.zeros_in_x = g.zero_sign == 0 && std::any_of(saw_zero.begin(), saw_zero.end(), [](char z) { return z != 0; });
-
-  const bool fused = p.residual || p.activation != kActNone;
-  const int64_t otiles = g.cog_pad / 8;
-  parallel_for(g.n * g.group * otiles * g.ho, workers, [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t y = item % g.ho;
-      const int64_t ot = (item / g.ho) % otiles;
-      const int64_t grp = (item / (g.ho * otiles)) % g.group;
-      const int64_t n = item / (g.ho * otiles * g.group);
-      compute(p, n, grp, ot * 8, y);
-      if (fused) finish_row(p, n, grp, ot * 8, y);
+    while (!all_packed.load()) std::this_thread::yield();
+    for (int64_t first; (first = next_row.fetch_add(kRowsPerGrab)) < rows;) {
+      for (int64_t item = first; item < std::min(first + kRowsPerGrab, rows); ++item) {
+        const int64_t y = item % g.ho;
+        const int64_t ot = (item / g.ho) % otiles;
+        const int64_t grp = (item / (g.ho * otiles)) % g.group;
+        const int64_t n = item / (g.ho * otiles * g.group);
+        compute(p, n, grp, ot * 8, y);
+        if (fused) finish_row(p, n, grp, ot * 8, y);
+      }
     }
   });
   p.sign = p.nonzero = nullptr;
