@@ -42,7 +42,6 @@ from tod_deploy.ops.binary_conv_ref import VERSION, BinaryConvAttrs, binary_conv
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is the test extra's: pip install -e '.[test]'")
 CAPABILITIES = list(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-AUTO_PRECISION = "bf16" if "BF16" in CAPABILITIES else "fp32"  # what OpenVINO's CPU default runs here
 
 # Cases OpenVINO runs natively (channels a multiple of 8, no groups), with the geometry the CPU kernel's grid
 # varies: strides, dilations, asymmetric pads, 1x1 and 5x5, nonzero thresholds, two 64-bit words per tap.
@@ -142,6 +141,10 @@ def test_precision_choices_are_checked_before_compiling() -> None:
         compile_config("bf16", 2, ["FP32", "INT8", "BIN"])
     with pytest.raises(UserError, match="unknown precision"):
         compile_config("int4", 2, ["FP32"])
+    # 1-bit layers: OpenVINO's BinaryConvolution compiles in float32 only (bf16 failed on a Xeon with AMX)
+    assert compile_config("auto", 2, ["FP32", "BF16"], binary=True)["INFERENCE_PRECISION_HINT"] == "f32"
+    with pytest.raises(UserError, match="BinaryConvolution in bfloat16"):
+        compile_config("bf16", 2, ["FP32", "BF16"], binary=True)
 
 
 def test_without_openvino_is_one_line(monkeypatch: pytest.MonkeyPatch, small_onnx: Path) -> None:
@@ -192,16 +195,16 @@ def test_bench_and_verify_commands(dfr_plugin_small: ExportResult, small_onnx: P
     result = json.loads((tmp_path / "bench.json").read_text())
     assert set(result["results"]) == {"onnxruntime", "openvino"} and result["results"]["openvino"]["fps"] > 0
     ran = result["runtimes"]["openvino"]
-    assert ran["precision"] == AUTO_PRECISION and ran["binary_layers"]["native"] > 10
-    assert f"openvino ({AUTO_PRECISION})" in proc.stdout
+    assert ran["precision"] == "fp32" and ran["binary_layers"]["native"] > 10  # auto: float32 with 1-bit layers
+    assert "openvino (fp32)" in proc.stdout
 
     verified = str(small_onnx)  # ThumbDet: the quickest to rebuild in PyTorch
     proc = run("verify", verified, "--backend", "openvino", "--threads", "2", "--json", str(tmp_path / "verify.json"))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "verify.json").read_text())["backend"] == "openvino"
-    if "BF16" not in CAPABILITIES:
-        proc = run("bench", model, "--backend", "openvino", "--precision", "bf16", "--iters", "1")
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no native BF16" in proc.stderr
+    proc = run("bench", model, "--backend", "openvino", "--precision", "bf16", "--iters", "1")
+    refusal = "no native BF16" if "BF16" not in CAPABILITIES else "BinaryConvolution in bfloat16"
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and refusal in proc.stderr
     proc = run("verify", model, "--backend", "tensorrt")
     assert proc.returncode == 2 and "use --backend onnxruntime or openvino" in proc.stderr
 

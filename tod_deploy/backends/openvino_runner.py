@@ -6,8 +6,11 @@ It is an optional extra (``pip install 'tod-deploy[openvino]'``): its absence is
 
 Precision (``--precision``): ``fp32`` pins float32 inference; ``bf16`` asks for bfloat16, which
 needs a CPU with native BF16 (AVX-512 BF16 or AMX): elsewhere OpenVINO would silently run float32,
-so it is refused; ``auto`` is OpenVINO's own CPU default (bfloat16 where the CPU has it, float32
-elsewhere). The precision the compiled model really runs is reported (``runner.precision``).
+so it is refused; ``auto`` is OpenVINO's own CPU default (bfloat16 where the CPU has AMX, float32
+elsewhere). A model with 1-bit layers runs float32 under ``auto`` and refuses ``bf16``: OpenVINO
+2026.4's CPU plugin cannot compile BinaryConvolution in bfloat16 (on a Xeon with AMX: "Reorder node
+... FakeQuantize ... f32_u1_aBcd16b ... could not create reorder primitive: unsupported reorder
+case"). The precision the compiled model really runs is reported (``runner.precision``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ def require_openvino() -> Any:
     return openvino
 
 
-def compile_config(precision: str, threads: int, capabilities: list[str]) -> dict[str, Any]:
-    """The CPU plugin's properties for a precision and thread count (a pure decision, checked first)."""
+def compile_config(precision: str, threads: int, capabilities: list[str], binary: bool = False) -> dict[str, Any]:
+    """The CPU plugin's properties for a precision and thread count (a pure decision, checked first);
+    ``binary``: the model has 1-bit layers on BinaryConvolution (float32 only, see module docstring)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}", f"choose from {', '.join(PRECISIONS)}")
     if precision == "bf16" and "BF16" not in capabilities:
@@ -44,6 +48,13 @@ def compile_config(precision: str, threads: int, capabilities: list[str]) -> dic
             f"this CPU has no native BF16 (OpenVINO lists {', '.join(capabilities)})",
             "use --precision fp32, or auto (OpenVINO's default: float32 on this CPU)",
         )
+    if binary and precision == "bf16":
+        raise UserError(
+            "OpenVINO cannot compile its 1-bit BinaryConvolution in bfloat16",
+            "use --precision fp32 or auto (float32 for 1-bit models)",
+        )
+    if binary:
+        precision = "fp32"
     config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if precision in _HINTS:
         config["INFERENCE_PRECISION_HINT"] = _HINTS[precision]
@@ -76,8 +87,11 @@ class OpenVINORunner:
         for extension in conversion_extensions(self.binary_layers):
             core.add_extension(extension)
         capabilities = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-        config = compile_config(precision, threads or os.cpu_count() or 1, capabilities) | {"PERF_COUNT": profile}
-        compiled = core.compile_model(read_model(core, model), "CPU", config)
+        read = read_model(core, model)  # counts the 1-bit layers it converts
+        binary = self.binary_layers.native > 0
+        config = compile_config(precision, threads or os.cpu_count() or 1, capabilities, binary)
+        config["PERF_COUNT"] = profile
+        compiled = core.compile_model(read, "CPU", config)
         ran = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32, bf16 or f16
         self.precision = {"f32": "fp32", "f16": "fp16"}.get(ran, ran)
         self.request = compiled.create_infer_request()
