@@ -187,13 +187,18 @@ def _hand_made_model(attrs: BinaryConvAttrs, cout: int) -> onnx.ModelProto:
 
 
 def test_bad_input_in_onnxruntime_is_a_user_error_not_an_abort() -> None:
+    """tod-deploy's own session, and a user's session with the onnxruntime-extensions hook."""
     attrs = BinaryConvAttrs(kernel_shape=(3, 3), in_channels=8, pads=(1, 1, 1, 1))
-    session = new_session(_hand_made_model(attrs, 4))
-    if not ort_binary_conv.array_hook_installed():
-        pytest.skip("this onnxruntime-extensions has no hook to chain: an error in a Python op aborts the process")
-    assert session.run(None, {"X": np.ones((1, 8, 4, 4), np.float32)})[0].shape == (1, 4, 4, 4)
-    with pytest.raises(UserError, match="not \\[N, 8, H, W\\]"):
-        session.run(None, {"X": np.ones((1, 7, 4, 4), np.float32)})
+    model = _hand_made_model(attrs, 4)
+    sessions = [new_session(model)]
+    options = ort_binary_conv.session_options()  # installs the hook where this onnxruntime-extensions has one
+    if ort_binary_conv.array_hook_installed():
+        sessions.append(ort_binary_conv.BinaryConvSession(upgrade_to_v2(model).SerializeToString(), options))
+    for session in sessions:
+        assert session.run(None, {"X": np.ones((1, 8, 4, 4), np.float32)})[0].shape == (1, 4, 4, 4)
+        with pytest.raises(UserError, match="not \\[N, 8, H, W\\]"):
+            session.run(None, {"X": np.ones((1, 7, 4, 4), np.float32)})
+    assert len(sessions) == 2 or not ort_binary_conv.array_hook_installed()
 
 
 def test_plugin_zero_weights_with_zero_sign_0_name_the_layer() -> None:

@@ -1,9 +1,10 @@
 """onnxruntime (CPU): reading ONNX files, the one session factory, and the runner.
 
-Every onnxruntime session of tod-deploy comes from :func:`new_session`: it registers the ``tod``
-custom op (onnxruntime-extensions) when the model has ``tod::BinaryConv2d`` nodes (reading version-1
-nodes as version 2), raises the op's failures as user errors, and turns a model onnxruntime refuses
-into one clear line.
+Every onnxruntime session of tod-deploy comes from :func:`new_session`: a model with
+``tod::BinaryConv2d`` nodes (version-1 nodes read as version 2) runs as onnxruntime sessions over its
+float parts with the compiled kernel between them (``ops.ort_segments``: no copies per node, unlike
+onnxruntime-extensions' hook, which ``ops.ort_binary_conv`` keeps for a user's own session); the op's
+failures are user errors, and a model onnxruntime refuses is one clear line.
 """
 
 from __future__ import annotations
@@ -43,30 +44,32 @@ def new_session(
     """A CPU InferenceSession of ``model`` (a proto or a file path); ``threads`` sets intra-op threads
     (default: every core), ``optimize=False`` runs the graph as written (calibration reads its tensors),
     ``spinning=False`` stops idle intra-op threads busy-waiting (for a model with ``tod`` nodes always:
-    see ``session_options``), as when another runtime is timed in turn on the same cores."""
+    the kernel's threads run between onnxruntime's), as when another runtime is timed in turn on the
+    same cores. A model with ``tod`` nodes gives an ``ops.ort_segments.SegmentedSession``."""
     import onnxruntime as ort
 
     from tod_deploy.ops.binary_conv_versions import needs_upgrade, upgrade_to_v2
-    from tod_deploy.ops.ort_binary_conv import BinaryConvSession, session_options, uses_binary_conv
+    from tod_deploy.ops.ort_binary_conv import uses_binary_conv
+    from tod_deploy.ops.ort_segments import SegmentedSession
 
     ort.set_default_logger_severity(3)
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     binary = uses_binary_conv(proto)
-    if binary and needs_upgrade(proto):
+    if binary:
         whole = proto if isinstance(model, onnx.ModelProto) else onnx.load(str(model))  # with external data
-        model = proto = upgrade_to_v2(whole)
-    # tod nodes run in onnxruntime-extensions' custom-op hook, which needs its library registered.
-    options = session_options() if binary else ort.SessionOptions()
-    if not spinning and not binary:
+        model = proto = upgrade_to_v2(whole) if needs_upgrade(whole) else whole
+    options = ort.SessionOptions()
+    if not spinning or binary:  # the kernel's threads run between onnxruntime's: idle ones must not spin
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     level = ort.GraphOptimizationLevel
     options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.log_severity_level = 3
+    if binary:
+        return SegmentedSession(proto, options)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    session_type = BinaryConvSession if binary else ort.InferenceSession
     try:
-        return session_type(source, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         reason = first_line(exc)
         raise UserError(f"onnxruntime cannot load the model ({reason})", "re-export it with tod-deploy") from exc

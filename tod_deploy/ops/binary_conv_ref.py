@@ -66,10 +66,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tod_deploy.errors import UserError
+
+if TYPE_CHECKING:
+    import onnx
 
 OP_TYPE = "BinaryConv2d"
 DOMAIN = "tod"
@@ -78,6 +82,11 @@ WORD_BITS = 64
 LIST_ATTRS = ("kernel_shape", "strides", "pads", "dilations")
 ACTIVATIONS = ("none", "relu", "prelu")
 INPUTS = ("X", "W_packed", "alpha", "bias", "residual", "slope")
+
+
+def is_binary_conv(node: onnx.NodeProto) -> bool:
+    """Whether an ONNX node is this op (its type in its domain)."""
+    return node.op_type == OP_TYPE and node.domain == DOMAIN
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from tod_deploy.errors import UserError
-from tod_deploy.ops.binary_conv_ref import DOMAIN, INPUTS, OP_TYPE, VERSION
+from tod_deploy.ops.binary_conv_ref import DOMAIN, INPUTS, OP_TYPE, VERSION, is_binary_conv
 
 NONE_INPUT = "tod_epilogue_none"  # the empty float32 initializer that stands for "no residual / no slope"
 
@@ -25,7 +25,7 @@ def domain_version(model: onnx.ModelProto) -> int | None:
 
 
 def _binary_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [node for node in model.graph.node if node.op_type == OP_TYPE and node.domain == DOMAIN]
+    return [node for node in model.graph.node if is_binary_conv(node)]
 
 
 def needs_upgrade(model: onnx.ModelProto) -> bool:

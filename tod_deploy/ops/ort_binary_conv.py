@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 from tod_deploy.errors import UserError
 from tod_deploy.ops import binary_conv_cpu
-from tod_deploy.ops.binary_conv_ref import DOMAIN, LIST_ATTRS, OP_TYPE, BinaryConvAttrs
+from tod_deploy.ops.binary_conv_ref import DOMAIN, LIST_ATTRS, OP_TYPE, BinaryConvAttrs, is_binary_conv
 
 _lock = threading.Lock()
 _fast_ids: set[int] = set()
@@ -149,7 +149,7 @@ def session_options(options: ort.SessionOptions | None = None) -> ort.SessionOpt
 
 
 def uses_binary_conv(model: onnx.ModelProto) -> bool:
-    return any(node.op_type == OP_TYPE and node.domain == DOMAIN for node in model.graph.node)
+    return any(is_binary_conv(node) for node in model.graph.node)
 
 
 class BinaryConvSession(ort.InferenceSession):
