@@ -2,10 +2,12 @@
 
 Per detector (FCOS, RetinaNet, Faster R-CNN), interleaved: the 1-bit export as written by default
 (the residual Add and PReLU fused into each tod::BinaryConv2d node), the same with
-``--binary-conv plugin-unfused``, and the real-valued model. Issue 15 target for FCOS: >= 3.5x FPS
-(floor 3.2x). Also reports where the fused 1-bit model's time goes, per ONNX op type, from
-onnxruntime's own profiler (tod::BinaryConv2d nodes run the compiled kernel through
-onnxruntime-extensions' hook).
+``--binary-conv plugin-unfused``, and the real-valued model, each as tod-deploy runs it (onnxruntime
+for the float parts, the compiled kernel between them: ``tod_deploy.ops.ort_segments``); and the
+default export in one InferenceSession with onnxruntime-extensions' hook, as a user's own session
+runs it (``tod_deploy.ops.ort_binary_conv``). Issue 15 target for FCOS: >= 3.5x FPS (floor 3.2x).
+Also reports where the fused 1-bit model's time goes, per ONNX op type, from onnxruntime's own
+profiler of each part and the kernel's calls.
 
 Usage: python benchmarks/dfr_det_speed.py [--iters 10] [--size 800x800] [--detectors fcos,retinanet,faster_rcnn]
        [--json FILE]
@@ -29,6 +31,7 @@ from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.ops import binary_conv_cpu
 from tod_deploy.ops.ort_binary_conv import BinaryConvSession, session_options
+from tod_deploy.ops.ort_segments import SegmentedSession
 from tod_deploy.parity.comparator import verification_images
 
 
@@ -36,16 +39,23 @@ def log(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def profile_by_op(path: Path, images: object, threads: int, runs: int = 3) -> dict[str, float]:
-    """Milliseconds per inference spent in each op type, from onnxruntime's profiler."""
+def ort_options(threads: int, profile: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.enable_profiling = True
+    options.enable_profiling = profile
     options.intra_op_num_threads = threads
-    session = BinaryConvSession(str(path), session_options(options), providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def profile_by_op(path: Path, images: object, threads: int, runs: int = 3) -> dict[str, float]:
+    """Milliseconds per inference spent in each op type, from onnxruntime's profiler (and the kernel's calls)."""
+    session = SegmentedSession(load_onnx(path), ort_options(threads, profile=True))
     name = session.get_inputs()[0].name
     for _ in range(runs):
         session.run(None, {name: images})
-    trace = json.loads(Path(session.end_profiling()).read_text())
+    trace_file = Path(session.end_profiling())
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
     totals: dict[str, float] = defaultdict(float)
     for event in trace:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
@@ -69,7 +79,11 @@ def bench_detector(detector: str, out: Path, args: argparse.Namespace, threads: 
     }  # fmt: skip
     images = verification_images(exports["1-bit fused"].sidecar.recipe, 1, seed=0)
     runners = {name: OnnxRuntimeRunner(load_onnx(result.onnx_path), threads) for name, result in exports.items()}
-    timings = time_interleaved({k: (lambda r=r: r.run(images)) for k, r in runners.items()}, 1, 2, args.iters, None)
+    calls = {name: (lambda r=r: r.run(images)) for name, r in runners.items()}
+    hooked = BinaryConvSession(str(exports["1-bit fused"].onnx_path), session_options(ort_options(threads)))
+    feed = {hooked.get_inputs()[0].name: images}
+    calls["1-bit hook"] = lambda: hooked.run(None, feed)  # one session, onnxruntime-extensions' hook
+    timings = time_interleaved(calls, 1, 2, args.iters, None)
     stats = {name: t.stats() for name, t in timings.items()}
     ops = profile_by_op(exports["1-bit fused"].onnx_path, images, threads)
     real_fps = stats["real-valued"]["fps"]
@@ -80,7 +94,8 @@ def bench_detector(detector: str, out: Path, args: argparse.Namespace, threads: 
     gain = stats["1-bit unfused"]["median_ms"] / stats["1-bit fused"]["median_ms"]
     print(f"  fusion gain (unfused / fused latency) {gain:.2f}x")
     total = sum(ops.values())
-    print("  1-bit fused model, time per op type (onnxruntime profiler):")
+    print("  (1-bit hook: the fused export in one onnxruntime session with onnxruntime-extensions' hook)")
+    print("  1-bit fused model, time per op type (onnxruntime profiler; BinaryConv2d: the kernel's calls):")
     for op, ms in list(ops.items())[:8]:
         print(f"    {op:22s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
     return {"stats": stats, "fps_ratio": stats["1-bit fused"]["fps"] / real_fps, "ops_ms": ops}

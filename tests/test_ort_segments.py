@@ -9,6 +9,7 @@ rounding only.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,18 @@ def test_tod_outputs_float_outputs_and_bad_input() -> None:
         session.run(None, {})
     with pytest.raises(UserError, match="not \\[N, 8, H, W\\]"):
         session.run(["Y"], {"X": np.ones((1, 7, 6, 6), np.float32)})
+
+
+def test_profiling_gives_one_trace_with_the_kernel_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the trace lands in the current folder, as onnxruntime's does
+    attrs = BinaryConvAttrs(kernel_shape=(3, 3), in_channels=8, pads=(1, 1, 1, 1))
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    session = SegmentedSession(_chain_model(attrs, 8)[0], options)
+    session.run(None, {"X": np.ones((1, 8, 6, 6), np.float32)})
+    trace = Path(session.end_profiling())
+    ops = [e["args"]["op_name"] for e in json.loads(trace.read_text()) if e.get("cat") == "Node"]
+    assert trace.parent == tmp_path and list(tmp_path.iterdir()) == [trace]  # segment traces merged, removed
+    assert ops.count("BinaryConv2d") == 2 and {"Relu", "Neg"} <= set(ops)
+    with pytest.raises(UserError, match="enable_profiling"):
+        new_session(_chain_model(attrs, 8)[0]).end_profiling()

@@ -18,9 +18,13 @@ onnxruntime's own planner does.
 
 from __future__ import annotations
 
+import json
+import tempfile
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +33,7 @@ from onnx import helper, numpy_helper
 
 from tod_deploy.errors import UserError, first_line
 from tod_deploy.ops import binary_conv_cpu
-from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, is_binary_conv
+from tod_deploy.ops.binary_conv_ref import OP_TYPE, BinaryConvAttrs, is_binary_conv
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ class SegmentedSession:
         self._constants = {name: numpy_helper.to_array(init) for name, init in initializers.items()}
         ready = {info.name for info in self._inputs} | set(initializers)
         steps = _waves(graph.node, set(ready))
+        profiling = options.enable_profiling
+        self._kernel_events: list[dict[str, Any]] | None = [] if profiling else None
+        self._profile_dir = Path(tempfile.mkdtemp(prefix="tod-profile-")) if profiling else None
 
         self._steps: list[_Segment | _BinaryNode] = []
         wanted = {info.name for info in self._outputs}
@@ -153,6 +160,8 @@ class SegmentedSession:
         )
         sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
         sub.functions.extend(model.functions)
+        if self._profile_dir is not None:
+            options.profile_file_prefix = str(self._profile_dir / f"segment{index}")
         try:
             session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -190,6 +199,22 @@ class SegmentedSession:
     def get_providers(self) -> list[str]:
         return ["CPUExecutionProvider"]
 
+    def end_profiling(self) -> str:
+        """With ``enable_profiling``: one trace in onnxruntime's format (its events of every segment, and a
+        ``BinaryConv2d`` node event per kernel call), written to the current folder as onnxruntime does."""
+        if self._kernel_events is None:
+            raise UserError("this session was made without enable_profiling", "set it in the SessionOptions")
+        events = list(self._kernel_events)
+        for step in self._steps:
+            if isinstance(step, _Segment):
+                segment_trace = Path(step.session.end_profiling())
+                events.extend(json.loads(segment_trace.read_text()))
+                segment_trace.unlink()
+        self._profile_dir.rmdir()  # type: ignore[union-attr]
+        path = Path(f"tod_segments_profile_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json").resolve()
+        path.write_text(json.dumps(events))
+        return str(path)
+
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None) -> list:
         names = list(output_names or [info.name for info in self._outputs])
         missing = [info.name for info in self._inputs if info.name not in input_feed]
@@ -226,9 +251,15 @@ class SegmentedSession:
                 if buffers.get(node.name) is None or buffers[node.name].shape != want:
                     buffers[node.name] = np.empty(want, dtype=np.float32)
                 out = buffers[node.name]
-        return binary_conv_cpu.binary_conv2d(
+        start = time.perf_counter()
+        y = binary_conv_cpu.binary_conv2d(
             x, w_packed, alpha, bias, node.attrs, residual=residual, slope=slope, threads=self._threads, out=out
         )
+        if self._kernel_events is not None:
+            args = {"op_name": OP_TYPE, "input_type_shape": [{"float": list(shape)}]}
+            event = {"cat": "Node", "name": f"{node.name}_kernel_time", "ts": start * 1e6, "args": args}
+            self._kernel_events.append(event | {"dur": (time.perf_counter() - start) * 1e6})
+        return y
 
 
 def _node_arg(info: onnx.ValueInfoProto) -> NodeArg:
