@@ -8,11 +8,14 @@ the table reports medians. Targets (issue 15): kernel alone >= 8x on the AVX-512
 and smaller maps; inside onnxruntime >= 6x per layer; AVX2 (no VPOPCNTQ) >= 2.5x.
 
 Columns: ``kernel/<isa>`` is the compiled kernel called from Python (NumPy in, NumPy out);
-``ort/plugin`` is the same kernel as a ``tod::BinaryConv2d`` node in onnxruntime through the
-onnxruntime-extensions hook (best ISA), i.e. what an exported model pays per layer. The second
-table times one Bi-Real block, ``prelu(conv(x) + shortcut)``, as exports run it: the real-valued
-Conv -> Add -> PRelu, the 1-bit node with Add and PRelu after it (``--binary-conv plugin-unfused``),
-and the node with them fused into its epilogue (the default export).
+``ort/plugin`` is the same kernel as a ``tod::BinaryConv2d`` node of a model as tod-deploy runs it
+(``new_session``: onnxruntime for the float parts, the kernel between them on the same arrays,
+best ISA), i.e. what an exported model pays per layer. The second table times one Bi-Real block,
+``prelu(conv(x) + shortcut)``, as exports run it: the real-valued Conv -> Add -> PRelu, the 1-bit
+node with Add and PRelu after it (``--binary-conv plugin-unfused``), the node with them fused into
+its epilogue (the default export), and that fused node in one onnxruntime session through
+onnxruntime-extensions' hook (``hook block``: what a user's own InferenceSession pays, the hook's
+copies of X, the residual and Y included).
 
 Usage: python benchmarks/binary_conv.py [--iters 15] [--threads 2] [--pad-value 0] [--zero-sign -1] [--json FILE]
 """
@@ -36,6 +39,7 @@ from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.ops import binary_conv_cpu
 from tod_deploy.ops.binary_conv_cases import RESNET18_STAGES
 from tod_deploy.ops.binary_conv_ref import DOMAIN, OP_TYPE, VERSION, BinaryConvAttrs, pack_weights
+from tod_deploy.ops.ort_binary_conv import BinaryConvSession, session_options
 
 SHAPES = RESNET18_STAGES
 TARGETS = {"avx512": 8.0, "avx2": 2.5}  # kernel alone vs ORT fp32 Conv (issue 15: >= 8x on AVX-512)
@@ -118,6 +122,10 @@ def bench_shape(channels: int, size: int, args: argparse.Namespace, isas: tuple[
         model = block_model(channels, size, *float_conv(weight), tail)
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
+    def hooked() -> ort.InferenceSession:
+        model = block_model(channels, size, *plugin_conv(attrs, packed, alpha, True), ())
+        return BinaryConvSession(model.SerializeToString(), session_options(options))
+
     def plugin(fused: bool, tail: tuple[str, ...] = ()) -> object:
         return new_session(block_model(channels, size, *plugin_conv(attrs, packed, alpha, fused), tail), args.threads)
 
@@ -127,6 +135,7 @@ def bench_shape(channels: int, size: int, args: argparse.Namespace, isas: tuple[
         "fp32 block": (dense(("add", "prelu")), {"x": x, "residual": residual}),
         "plugin block": (plugin(False, ("add", "prelu")), {"x": x, "residual": residual}),
         "fused block": (plugin(True), {"x": x, "residual": residual}),
+        "hook block": (hooked(), {"x": x, "residual": residual}),
     }
     runners = {name: (lambda s=s, f=f: s.run(None, f)) for name, (s, f) in sessions.items()}
     for isa in isas:
@@ -174,16 +183,17 @@ def main() -> None:
     print(f"kernel alone, targets {TARGETS}: " + ("met" if not shortfalls else "MISSED: " + "; ".join(shortfalls)))
     print()
     print("One Bi-Real block, prelu(conv(x) + x), in onnxruntime: ms")
-    blocks = ["fp32 block", "plugin block", "fused block"]
+    blocks = ["fp32 block", "plugin block", "fused block", "hook block"]
     header = f"{'shape':>14} | " + " | ".join(f"{c:>12}" for c in blocks)
-    header += f" | {'fp32/fused':>10} | {'fusion gain':>11} | {'x plugin':>9}"
+    header += f" | {'fp32/fused':>10} | {'fp32/hook':>9} | {'fusion gain':>11} | {'x plugin':>9}"
     print(header)
     print("-" * len(header))
     in_ort = []
     for shape, ms in results.items():
         line = f"{shape:>14} | " + " | ".join(f"{ms[c]:>9.2f} ms" for c in blocks)
         ratio = ms["fp32 block"] / ms["fused block"]
-        line += f" | {ratio:>9.1f}x | {ms['plugin block'] / ms['fused block']:>10.2f}x"
+        line += f" | {ratio:>9.1f}x | {ms['fp32 block'] / ms['hook block']:>8.1f}x"
+        line += f" | {ms['plugin block'] / ms['fused block']:>10.2f}x"
         print(line + f" | {ms['ort/fp32'] / ms['ort/plugin']:>8.1f}x")
         in_ort.append(f"{shape} {ratio:.1f}x")
     print("fp32/fused: the real-valued block (Conv, Add, PRelu) over the fused node; fusion gain: the 1-bit node with")

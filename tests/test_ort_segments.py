@@ -74,8 +74,10 @@ def test_runs_from_many_threads_and_keeps_no_result_of_another_run(dfr_plugin_sm
     assert not np.array_equal(alone[0][1], alone[1][1])
 
 
-def _chain_model(attrs: BinaryConvAttrs, channels: int) -> tuple[onnx.ModelProto, np.ndarray]:
-    """X -> Relu -> BinaryConv2d -> Y -> Neg -> BinaryConv2d -> Z; Y, Z and the Relu's R are outputs."""
+def _chain_model(
+    attrs: BinaryConvAttrs, channels: int, outputs: tuple[str, ...] = ("Z", "Y", "R")
+) -> tuple[onnx.ModelProto, np.ndarray]:
+    """X -> Relu -> R -> BinaryConv2d -> Y -> Neg -> S -> BinaryConv2d -> Z; ``outputs`` untyped."""
     weight = np.random.default_rng(3).standard_normal((channels, channels, 3, 3)).astype(np.float32)
     inits = [
         numpy_helper.from_array(pack_weights(weight, attrs.zero_sign), "W_packed"),
@@ -95,7 +97,7 @@ def _chain_model(attrs: BinaryConvAttrs, channels: int) -> tuple[onnx.ModelProto
         nodes,
         "chain",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Z", "Y", "R")],
+        [helper.make_empty_tensor_value_info(n) for n in outputs],
         initializer=inits,
     )
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("tod", 2)]
@@ -134,3 +136,20 @@ def test_profiling_gives_one_trace_with_the_kernel_calls(tmp_path: Path, monkeyp
     assert ops.count("BinaryConv2d") == 2 and {"Relu", "Neg"} <= set(ops)
     with pytest.raises(UserError, match="enable_profiling"):
         new_session(_chain_model(attrs, 8)[0]).end_profiling()
+
+
+def test_types_flow_through_tod_nodes_where_the_schema_is_not_registered() -> None:
+    """A process that never imported the exporter has no tod schema for ONNX shape inference."""
+    from tod_deploy.ops.binary_conv_onnx import register_onnx_schema
+
+    attrs = BinaryConvAttrs(kernel_shape=(3, 3), in_channels=8, pads=(1, 1, 1, 1))
+    model, _ = _chain_model(attrs, 8, outputs=("Z",))  # nothing declares the type of Y or S
+    register_onnx_schema()
+    for version in (2, 1):
+        onnx.defs.deregister_schema("BinaryConv2d", version, "tod")
+    try:
+        session = new_session(model, threads=1)
+        (z,) = session.run(None, {"X": np.ones((1, 8, 6, 6), np.float32)})
+    finally:
+        register_onnx_schema()
+    assert z.shape == (1, 8, 6, 6) and z.dtype == np.float32

@@ -97,12 +97,24 @@ def _waves(nodes: Sequence[onnx.NodeProto], ready: set[str]) -> list[list[onnx.N
     return steps
 
 
+def _inferred(model: onnx.ModelProto) -> onnx.GraphProto:
+    """The graph with ONNX shape inference's types. A ``tod`` output is float32 by the op's contract: that
+    is declared first, so types flow on where this process has not registered the op's schema."""
+    typed = onnx.ModelProto()
+    typed.CopyFrom(model)
+    known = {info.name for info in [*typed.graph.value_info, *typed.graph.output] if info.type.tensor_type.elem_type}
+    for node in typed.graph.node:
+        if is_binary_conv(node) and node.output[0] not in known:
+            typed.graph.value_info.append(helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None))
+    return onnx.shape_inference.infer_shapes(typed).graph
+
+
 class SegmentedSession:
     """InferenceSession's ``run``/``get_inputs``/``get_outputs`` for a model with ``tod`` nodes (module docstring)."""
 
     def __init__(self, model: onnx.ModelProto, options: Any) -> None:
         graph = model.graph
-        inferred = onnx.shape_inference.infer_shapes(model).graph
+        inferred = _inferred(model)
         self._types = {  # a graph output may be declared without a type (calibration's); inference has it
             info.name: info.type
             for info in [*inferred.output, *inferred.input, *inferred.value_info]
