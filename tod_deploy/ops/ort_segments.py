@@ -123,12 +123,16 @@ class SegmentedSession:
         initializers = {init.name: init for init in graph.initializer}
         self._inputs = [info for info in graph.input if info.name not in initializers]
         self._outputs = list(graph.output)
-        self._constants = {name: numpy_helper.to_array(init) for name, init in initializers.items()}
+        # Stored tensors the kernel reads (or the model outputs); the sessions keep their own.
+        needed = {name for node in graph.node if is_binary_conv(node) for name in node.input}
+        needed |= {info.name for info in self._outputs}
+        self._constants = {name: numpy_helper.to_array(init) for name, init in initializers.items() if name in needed}
         ready = {info.name for info in self._inputs} | set(initializers)
         steps = _waves(graph.node, set(ready))
         profiling = options.enable_profiling
         self._kernel_events: list[dict[str, Any]] | None = [] if profiling else None
         self._profile_dir = Path(tempfile.mkdtemp(prefix="tod-profile-")) if profiling else None
+        self._profile_start = time.perf_counter()  # onnxruntime's event times count from its session's start
 
         self._steps: list[_Segment | _BinaryNode] = []
         wanted = {info.name for info in self._outputs}
@@ -269,7 +273,8 @@ class SegmentedSession:
         )
         if self._kernel_events is not None:
             args = {"op_name": OP_TYPE, "input_type_shape": [{"float": list(shape)}]}
-            event = {"cat": "Node", "name": f"{node.name}_kernel_time", "ts": start * 1e6, "args": args}
+            when = (start - self._profile_start) * 1e6
+            event = {"cat": "Node", "name": f"{node.name}_kernel_time", "ts": when, "args": args}
             self._kernel_events.append(event | {"dur": (time.perf_counter() - start) * 1e6})
         return y
 
