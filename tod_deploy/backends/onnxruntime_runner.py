@@ -57,7 +57,7 @@ def new_session(
     binary = uses_binary_conv(proto)
     if binary:
         whole = proto if isinstance(model, onnx.ModelProto) else onnx.load(str(model))  # with external data
-        model = proto = upgrade_to_v2(whole) if needs_upgrade(whole) else whole
+        proto = upgrade_to_v2(whole) if needs_upgrade(whole) else whole
     options = ort.SessionOptions()
     if not spinning or binary:  # the kernel's threads run between onnxruntime's: idle ones must not spin
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

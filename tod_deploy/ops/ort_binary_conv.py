@@ -1,16 +1,19 @@
-"""Run ``tod::BinaryConv2d`` nodes in onnxruntime (CPU) on the compiled kernel.
+"""Run ``tod::BinaryConv2d`` nodes inside one onnxruntime (CPU) InferenceSession on the compiled kernel.
+
+For a user's own session (:func:`session_options`, :class:`BinaryConvSession`). tod-deploy itself runs
+such models through ``ops.ort_segments``, which avoids this hook's copies (see there).
 
 onnxruntime-extensions' Python custom-op hook (``onnx_op``) accepts a domain in the op type
 (``"tod::BinaryConv2d"``), so the node runs under its own domain. Limits of that hook, which
 shape the op's ONNX form (see ``binary_conv_ref``): attributes are scalar int/float/string only
 (lists travel as "3,3" strings), every declared input is required (``bias`` is always written, an
-absent residual or slope is an empty tensor), and one signature per op type: version-1 files are
-upgraded to version 2 when a session is made (``binary_conv_versions``).
+absent residual or slope is an empty tensor), and one signature per op type: a version-1 file is
+read as version 2 first (``binary_conv_versions.upgrade_to_v2``, in memory).
 
 Errors: an exception escaping a Python op makes onnxruntime-extensions call std::terminate
 (the process aborts). Our hook catches it, prints it, returns an empty output (so onnxruntime
-fails on it or the caller sees an empty result) and keeps it; sessions made by
-:func:`tod_deploy.backends.onnxruntime_runner.new_session` then raise it as a :class:`UserError`.
+fails on it or the caller sees an empty result) and keeps it; a :class:`BinaryConvSession` then
+raises it as a :class:`UserError`.
 
 Speed: the stock hook hands each output back to C++ as ``ndarray.tolist()``, which costs
 ~175 ms for one 64x200x200 feature map, more than the convolution. :func:`register` therefore

@@ -208,6 +208,8 @@ std::string run(Problem& p, Isa isa, int threads) {
   const int64_t block_rows = rows_per_block(g);
   const int64_t blocks = ceil_div(g.h, block_rows);
   const int64_t span = block_rows * g.w + 32;  // + slack the SIMD packers may write
+  // Allocated here: nothing in the shares below allocates or throws, since a share that stopped
+  // early would leave the others waiting for the blocks it took.
   std::vector<uint64_t> temporaries(2 * static_cast<size_t>(span) * workers);
   const bool fused = p.residual || p.activation != kActNone;
   const int64_t otiles = g.cog_pad / 8;
