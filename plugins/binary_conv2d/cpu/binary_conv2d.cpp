@@ -136,24 +136,6 @@ bool pack_rows(const Problem& p, PackBlockFn block, int64_t n, int64_t jw, int64
 
 }  // namespace
 
-void finish_row(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y) {
-  const Geometry& g = p.g;
-  const int64_t o_end = std::min<int64_t>(o0 + 8, g.cog);
-  const int act = p.activation;
-  for (int64_t o = o0; o < o_end; ++o) {
-    const int64_t oc = grp * g.cog + o;
-    const int64_t at = ((n * g.cout + oc) * g.ho + y) * g.wo;
-    float* __restrict__ row = p.out + at;
-    const float slope = act == kActPrelu ? p.slope[oc] : 0.0f;
-    if (p.residual) {
-      const float* __restrict__ res = p.residual + at;
-      for (int64_t x = 0; x < g.wo; ++x) row[x] = activate(add_residual(row[x], res[x]), act, slope);
-    } else {
-      for (int64_t x = 0; x < g.wo; ++x) row[x] = activate(row[x], act, slope);
-    }
-  }
-}
-
 namespace {
 
 std::string validate(const Geometry& g) {
@@ -183,13 +165,16 @@ std::string run(Problem& p, Isa isa, int threads) {
 
   PackBlockFn pack = pack_block_scalar;
   ComputeRowFn compute = compute_row_scalar;
+  ComputeRowFn finish = finish_row_scalar;
 #if defined(TOD_BCONV_X86)
   if (isa == Isa::kAvx512) {
     pack = pack_block_avx512;
     compute = compute_row_avx512;
+    finish = finish_row_avx512;
   } else if (isa == Isa::kAvx2) {
     pack = pack_block_avx2;
     compute = compute_row_avx2;
+    finish = finish_row_avx2;
   }
 #endif
 
@@ -243,7 +228,7 @@ std::string run(Problem& p, Isa isa, int threads) {
         const int64_t grp = (item / (g.ho * otiles)) % g.group;
         const int64_t n = item / (g.ho * otiles * g.group);
         compute(p, n, grp, ot * 8, y);
-        if (fused) finish_row(p, n, grp, ot * 8, y);
+        if (fused) finish(p, n, grp, ot * 8, y);
       }
     }
   });

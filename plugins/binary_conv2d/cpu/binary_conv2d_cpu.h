@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,13 @@
 
 namespace tod {
 namespace bconv {
+
+// Inlined into each ISA file's function, whose target attribute then applies to it (GCC, Clang).
+#if defined(__GNUC__)
+#define TOD_BCONV_INLINE __attribute__((always_inline)) inline
+#else
+#define TOD_BCONV_INLINE inline
+#endif
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -65,9 +73,27 @@ inline void store_output(const Problem& p, int64_t n, int64_t o, int64_t y, int6
 }
 
 // The fused epilogue of output row y of channels [o0, o0 + 8) of group grp (those < cog): the ISA
-// kernels store alpha * S + bias, and this pass, shared by every path, adds the residual and applies
-// the activation while the row is still in L1 (one pass over the map instead of the graph's two).
-void finish_row(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y);
+// kernels store alpha * S + bias, and this pass adds the residual and applies the activation while
+// the row is still in L1 (one pass over the map instead of the graph's two). One body for every path,
+// which each ISA file compiles for its own vector width (finish_row_<isa>): plain loops of float add,
+// multiply and select, so the result is the same bit for bit.
+TOD_BCONV_INLINE void finish_row_body(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y) {
+  const Geometry& g = p.g;
+  const int64_t o_end = std::min<int64_t>(o0 + 8, g.cog);
+  const int act = p.activation;
+  for (int64_t o = o0; o < o_end; ++o) {
+    const int64_t oc = grp * g.cog + o;
+    const int64_t at = ((n * g.cout + oc) * g.ho + y) * g.wo;
+    float* __restrict__ row = p.out + at;
+    const float slope = act == kActPrelu ? p.slope[oc] : 0.0f;
+    if (p.residual) {
+      const float* __restrict__ res = p.residual + at;
+      for (int64_t x = 0; x < g.wo; ++x) row[x] = activate(add_residual(row[x], res[x]), act, slope);
+    } else {
+      for (int64_t x = 0; x < g.wo; ++x) row[x] = activate(row[x], act, slope);
+    }
+  }
+}
 
 // Binarize channels [c0, c0 + nch) (nch <= 64) of input rows [y, y + rows) of image n into one
 // word per pixel: sign_out[r * w + x] and, if nz_out is not null, nz_out[...]. Bits past nch are
@@ -80,6 +106,7 @@ using ComputeRowFn = void (*)(const Problem& p, int64_t n, int64_t grp, int64_t 
 void pack_block_scalar(const Problem& p, int64_t n, int64_t c0, int nch, int64_t y, int64_t rows, uint64_t* sign_out,
                        uint64_t* nz_out);
 void compute_row_scalar(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y);
+void finish_row_scalar(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y);
 
 // SIMD paths need GCC/Clang target attributes and x86-64; elsewhere only the scalar path exists.
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -87,9 +114,11 @@ void compute_row_scalar(const Problem& p, int64_t n, int64_t grp, int64_t o0, in
 void pack_block_avx2(const Problem& p, int64_t n, int64_t c0, int nch, int64_t y, int64_t rows, uint64_t* sign_out,
                      uint64_t* nz_out);
 void compute_row_avx2(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y);
+void finish_row_avx2(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y);
 void pack_block_avx512(const Problem& p, int64_t n, int64_t c0, int nch, int64_t y, int64_t rows, uint64_t* sign_out,
                        uint64_t* nz_out);
 void compute_row_avx512(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y);
+void finish_row_avx512(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y);
 #endif
 
 // Paths this build and this CPU can run, best first.

@@ -223,6 +223,10 @@ TOD_AVX2 void compute_row_avx2(const Problem& p, int64_t n, int64_t grp, int64_t
   }
 }
 
+TOD_AVX2 void finish_row_avx2(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y) {
+  finish_row_body(p, n, grp, o0, y);
+}
+
 }  // namespace bconv
 }  // namespace tod
 

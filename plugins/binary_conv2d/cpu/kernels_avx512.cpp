@@ -210,6 +210,10 @@ TOD_AVX512 void compute_row_avx512(const Problem& p, int64_t n, int64_t grp, int
   }
 }
 
+TOD_AVX512 void finish_row_avx512(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y) {
+  finish_row_body(p, n, grp, o0, y);
+}
+
 }  // namespace bconv
 }  // namespace tod
 

@@ -40,5 +40,9 @@ void compute_row_scalar(const Problem& p, int64_t n, int64_t grp, int64_t o0, in
   }
 }
 
+void finish_row_scalar(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t y) {
+  finish_row_body(p, n, grp, o0, y);
+}
+
 }  // namespace bconv
 }  // namespace tod
