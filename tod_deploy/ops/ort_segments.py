@@ -148,7 +148,8 @@ class SegmentedSession:
                 inputs = sorted(name for name in reads - written if name in ready and name not in initializers)
                 outputs = sorted(name for name in written if name in read_after[index + 1] or name in wanted)
                 if outputs:  # a group nothing reads afterwards (dead nodes) needs no session
-                    self._steps.append(self._segment(model, index, group, inputs, outputs, initializers, options))
+                    segment = self._segment(model, index, group, reads, inputs, outputs, initializers, options)
+                    self._steps.append(segment)
             ready |= written
         self._drops = self._last_reads(wanted)
         self._threads = options.intra_op_num_threads or None
@@ -159,6 +160,7 @@ class SegmentedSession:
         model: onnx.ModelProto,
         index: int,
         group: list[onnx.NodeProto],
+        reads: set[str],
         inputs: list[str],
         outputs: list[str],
         initializers: Mapping[str, onnx.TensorProto],
@@ -166,7 +168,6 @@ class SegmentedSession:
     ) -> _Segment:
         import onnxruntime as ort
 
-        reads = {name for node in group for name in _read_names(node)}
         graph = helper.make_graph(
             group,
             f"{model.graph.name}_segment{index}",
@@ -211,9 +212,6 @@ class SegmentedSession:
 
     def get_outputs(self) -> list[NodeArg]:
         return [_node_arg(info) for info in self._outputs]
-
-    def get_providers(self) -> list[str]:
-        return ["CPUExecutionProvider"]
 
     def end_profiling(self) -> str:
         """With ``enable_profiling``: one trace in onnxruntime's format (its events of every segment, and a
