@@ -288,10 +288,9 @@ def fold_input_binarization(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = gs.import_onnx(model)
     changed = False
-    for node in graph.nodes:
-        if node.op == OP_TYPE and node.domain == DOMAIN:
-            while _fold_one(node):
-                changed = True
+    for node in _binary_nodes(graph):
+        while _fold_one(node):
+            changed = True
     return _export_graph(graph, model) if changed else model
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from tod_deploy.ops.binary_conv_ref import is_binary_conv
 from tod_deploy.parity.policy import ParityPolicy
 from tod_deploy.parity.report import DecisionParity
 
@@ -241,7 +242,7 @@ def decision_sites(model: onnx.ModelProto) -> list[DecisionSite]:
         if node.op_type == "Sign" and node.domain in ("", "ai.onnx"):
             path = "" if node.name.startswith(EXPORTER_NODE_PREFIX) else module_of(node.name)  # unnamed: older file
             sites.append(DecisionSite("threshold", path, node.input[0], node.output[0]))
-        elif node.domain == "tod" and node.op_type == "BinaryConv2d":
+        elif is_binary_conv(node):
             x = _before_channel_threshold(node.input[0], producer, initializers)
             path = _module_path(node.input[1], ".w_packed")
             sites.append(DecisionSite("1-bit input", path, x, node.output[0], *_epilogue(node, initializers)))

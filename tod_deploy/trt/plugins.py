@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from tod_deploy.errors import UserError
-from tod_deploy.ops.binary_conv_ref import DOMAIN, OP_TYPE, BinaryConvAttrs
+from tod_deploy.ops.binary_conv_ref import DOMAIN, OP_TYPE, BinaryConvAttrs, is_binary_conv
 from tod_deploy.ops.binary_conv_versions import upgrade_to_v2
 from tod_deploy.trt import kernels
 from tod_deploy.trt.runtime import require_cuda, require_tensorrt
@@ -172,9 +172,9 @@ def tensorrt_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     view = onnx.ModelProto()
     view.CopyFrom(upgrade_to_v2(model))
-    packed = {node.input[1] for node in view.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE}
+    packed = {node.input[1] for node in view.graph.node if is_binary_conv(node)}
     for node in view.graph.node:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+        if is_binary_conv(node):
             attrs = BinaryConvAttrs.from_onnx({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
             del node.attribute[:]
             for name, value in {**attrs.to_onnx(), NAMESPACE_ATTR: DOMAIN, AOT_ATTR: 1}.items():
