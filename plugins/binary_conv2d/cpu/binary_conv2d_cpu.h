@@ -40,7 +40,7 @@ struct Problem {
   const float* slope = nullptr;      // [cout] when activation == kActPrelu
   int activation = kActNone;         // see Activation in ../binary_conv2d_core.h
   // filled by the driver:
-  std::vector<uint64_t> weights;     // see weight_index()
+  uint64_t* weights = nullptr;       // see weight_index()
   uint64_t* sign = nullptr;          // [n][image_words]
   uint64_t* nonzero = nullptr;       // [n][image_words] or null when no position can be 0
   bool zeros_in_x = false;           // some activation binarized to 0 (zero_sign == 0 only)

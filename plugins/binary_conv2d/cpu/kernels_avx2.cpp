@@ -128,7 +128,7 @@ TOD_AVX2 void tile(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64_t
   const int64_t image = n * a.image_words();
   const uint64_t* sgn = p.sign + image;
   const uint64_t* nzp = kMasked ? p.nonzero + image : nullptr;
-  const uint64_t* wt = p.weights.data() + weight_index(g, grp, o0, 0, 0);
+  const uint64_t* wt = p.weights + weight_index(g, grp, o0, 0, 0);
   const int64_t ostride = g.taps * g.words;
   const int64_t jstep = a.word_step();
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2,

@@ -110,7 +110,7 @@ TOD_AVX512 void tile(const Problem& p, int64_t n, int64_t grp, int64_t o0, int64
   const int64_t image = n * a.image_words();
   const uint64_t* sgn = p.sign + image;
   const uint64_t* nzp = kMasked ? p.nonzero + image : nullptr;
-  const uint64_t* wt = p.weights.data() + weight_index(g, grp, o0, 0, 0);
+  const uint64_t* wt = p.weights + weight_index(g, grp, o0, 0, 0);
   const int64_t ostride = g.taps * g.words;
   const int64_t jstep = a.word_step();
   const int64_t x1 = std::min<int64_t>(x0 + 8 * V, g.wo) - 1;  // last column stored

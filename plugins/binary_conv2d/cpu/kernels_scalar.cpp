@@ -34,7 +34,7 @@ void compute_row_scalar(const Problem& p, int64_t n, int64_t grp, int64_t o0, in
     const bool masked = tile_masked(p, row_pad, x, x);
     const uint64_t* nz = masked ? p.nonzero + image : nullptr;
     for (int64_t o = o0; o < o_end; ++o) {
-      const int32_t s = output_sum(g, p.a, p.sign + image, nz, p.weights.data(), grp, o, y, x);
+      const int32_t s = output_sum(g, p.a, p.sign + image, nz, p.weights, grp, o, y, x);
       store_output(p, n, grp * g.cog + o, y, x, s);
     }
   }
