@@ -18,6 +18,7 @@ SOURCES = [
     "plugins/binary_conv2d/cpu/kernels_scalar.cpp",
     "plugins/binary_conv2d/cpu/kernels_avx2.cpp",
     "plugins/binary_conv2d/cpu/kernels_avx512.cpp",
+    "plugins/binary_conv2d/cpu/kernels_amx.cpp",
 ]
 
 # -ffp-contract=off: the epilogue alpha * S + bias must round twice, as the NumPy reference does.

@@ -224,16 +224,19 @@ def test_kernel_per_channel_threshold_nan_and_no_bias(isa: str) -> None:
         assert_scaled_close(out, want_out)
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("zero_sign", SIGNS)
-def test_kernel_threads_and_layouts_do_not_change_results(zero_sign: int) -> None:
+def test_kernel_threads_and_layouts_do_not_change_results(isa: str, zero_sign: int) -> None:
     geo = Geometry(65, 40, 40, 41)  # enough work (> 2 * 2**20 word ops) for the kernel to start threads
     x, w, alpha, bias = make_inputs(geo)
     attrs = geo.attrs(zero_sign=zero_sign, pad_value=0)
     packed = pack_weights(w, zero_sign)
-    one = binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, threads=1)
-    many = binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, threads=3)
-    strided = binary_conv_cpu.binary_conv2d(np.asfortranarray(x), packed, alpha, bias, attrs, threads=2)
+    one = binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, threads=1, isa=isa)
+    many = binary_conv_cpu.binary_conv2d(x, packed, alpha, bias, attrs, threads=3, isa=isa)
+    strided = binary_conv_cpu.binary_conv2d(np.asfortranarray(x), packed, alpha, bias, attrs, threads=2, isa=isa)
     assert np.array_equal(one, many) and np.array_equal(one, strided)
+    _, want = binary_conv2d_ref(x, w, alpha, bias, attrs)
+    assert_scaled_close(one, want)
 
 
 def _threaded_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BinaryConvAttrs]:

@@ -83,6 +83,8 @@ def test_doctor_json_has_this_machines_values(machine: tuple[subprocess.Complete
     if Path("/proc/cpuinfo").is_file():
         assert list(cpu["flags"]) == list(doctor.KERNEL_FLAGS)
         assert cpu["flags"]["avx512_vpopcntdq"] == ("avx512" in binary_conv_cpu.supported_isas())
+        if "amx" in binary_conv_cpu.supported_isas():  # the flags, and a kernel that grants the tile state
+            assert cpu["flags"]["amx_tile"] and cpu["flags"]["amx_int8"]
     assert report["onnxruntime"]["version"] == onnxruntime.__version__
     assert report["onnxruntime_providers"] == onnxruntime.get_available_providers()
     assert report["onnxruntime_extensions"]["version"] == importlib.metadata.version("onnxruntime-extensions")

@@ -29,8 +29,19 @@ from tod_deploy.trt import kernels
 from tod_deploy.trt.cuda_driver import GpuProbe, probe_gpus
 
 GPU_INSTALL = "pip install 'tod-deploy[gpu]' on a machine with an NVIDIA GPU"
-# /proc/cpuinfo flags the 1-bit CPU kernel's paths need: avx512 = the first five, avx2, scalar = popcnt.
-KERNEL_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vpopcntdq", "avx2", "popcnt")
+# /proc/cpuinfo flags the 1-bit CPU kernel's paths need: amx = the first two and the first four
+# avx512 ones (and Linux's permission to use tile data), avx512 = the five avx512 ones, avx2, scalar = popcnt.
+KERNEL_FLAGS = (
+    "amx_tile",
+    "amx_int8",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vpopcntdq",
+    "avx2",
+    "popcnt",
+)
 VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}
 
 

@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 else:
     _IMPORT_ERROR = None
 
-ISAS = ("avx512", "avx2", "scalar")
+ISAS = ("amx", "avx512", "avx2", "scalar")
 _selected: str | None = None
 
 

@@ -59,7 +59,7 @@ PyObject* py_conv2d(PyObject*, PyObject* args) {
   }
   Isa isa;
   if (!tod::bconv::parse_isa(isa_name, &isa)) {
-    PyErr_Format(PyExc_ValueError, "unknown ISA path %s (scalar, avx2, avx512)", isa_name);
+    PyErr_Format(PyExc_ValueError, "unknown ISA path %s (scalar, avx2, avx512, amx)", isa_name);
     return nullptr;
   }
   Geometry d = g;
