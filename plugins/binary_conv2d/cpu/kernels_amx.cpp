@@ -184,10 +184,8 @@ TOD_AMX void accumulate(const Problem& p, const AmxLayout& a, int64_t n, int64_t
     if (kTwoX) _tile_zero(2);
     if (kTwoX && kTwoO) _tile_zero(3);
   }
-  // Taps between two tiles of the pending epilogue: spread over the products of a one-word block
-  // (64x200x200: 1.63 -> 1.25 ms), but after all of them with more words, whose loop of weight
-  // loads the interleaved epilogue slowed (128x100x100: 1.15 -> 1.49 ms).
-  const int64_t every = g.words == 1 ? std::max<int64_t>(1, g.taps / 4) : g.taps + 1;
+  // Taps between two tiles of the pending epilogue (4 tiles spread over the taps).
+  const int64_t every = std::max<int64_t>(1, g.taps / 4);
   for (int64_t ky = 0; ky < g.kh; ++ky) {
     const int64_t iy = y * g.sh + ky * g.dh;
     for (int64_t kx = 0; kx < g.kw; ++kx) {
