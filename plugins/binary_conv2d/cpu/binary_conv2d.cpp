@@ -229,7 +229,10 @@ std::string run(Problem& p, Isa isa, int threads) {
   }
   auto prepare_item = [&](int64_t item) {
 #if defined(TOD_BCONV_X86)
-    if (amx) return prepare_weights_amx(p, item / ceil_div(g.cog, 16), item % ceil_div(g.cog, 16));
+    if (amx) {
+      prepare_weights_amx(p, item / ceil_div(g.cog, 16), item % ceil_div(g.cog, 16));
+      return;
+    }
 #endif
     prepare_weights(p, item / (g.cog_pad / 8), item % (g.cog_pad / 8) * 8);
   };
@@ -237,7 +240,10 @@ std::string run(Problem& p, Isa isa, int threads) {
   // where zeros are int8 zeros and need no care).
   auto pack_item = [&](int64_t n, int64_t jw, int64_t y0, int64_t rows, uint64_t* tmp, uint64_t* tmp_nz) {
 #if defined(TOD_BCONV_X86)
-    if (amx) return pack_rows_amx(p, n, jw, y0, rows, tmp, tmp_nz), false;
+    if (amx) {
+      pack_rows_amx(p, n, jw, y0, rows, tmp, tmp_nz);
+      return false;
+    }
 #endif
     return pack_rows(p, pack, n, jw, y0, rows, tmp, tmp_nz);
   };
