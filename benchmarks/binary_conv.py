@@ -42,7 +42,7 @@ from tod_deploy.ops.binary_conv_ref import DOMAIN, OP_TYPE, VERSION, BinaryConvA
 from tod_deploy.ops.ort_binary_conv import BinaryConvSession, session_options
 
 SHAPES = RESNET18_STAGES
-TARGETS = {"amx": 8.0, "avx512": 8.0, "avx2": 2.5}  # kernel alone vs ORT fp32 Conv (issue 15: >= 8x on AVX-512)
+TARGETS = {"amx": 8.0, "avx512": 8.0, "avx2": 2.5}  # kernel alone vs ORT fp32 Conv (issue 15: >= 8x)
 ORT_TARGET = 6.0  # inside onnxruntime, per layer (issue 15)
 
 

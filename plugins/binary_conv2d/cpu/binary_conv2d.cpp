@@ -212,7 +212,6 @@ std::string run(Problem& p, Isa isa, int threads) {
 #endif
 
   p.pad_is_zero = g.pad_value == 0 && (g.pt || g.pl || g.pb || g.pr);
-  const int64_t total = g.n * p.a.image_words();
   static thread_local Scratch scratch;
   // Weight words (tiles on AMX) are built by the shares, first, 8 output channels per item (16 on AMX).
   int64_t weight_items = g.group * (g.cog_pad / 8);
@@ -223,6 +222,7 @@ std::string run(Problem& p, Isa isa, int threads) {
     weight_items = g.group * ceil_div(g.cog, 16);
 #endif
   } else {
+    const int64_t total = g.n * p.a.image_words();
     p.weights = at_least(scratch.weights, g.group * g.cog_pad * g.taps * g.words);
     p.sign = at_least(scratch.sign, total);
     p.nonzero = g.zero_sign == 0 || p.pad_is_zero ? at_least(scratch.nonzero, total) : nullptr;

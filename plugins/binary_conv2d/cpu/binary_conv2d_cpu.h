@@ -2,8 +2,9 @@
 // (or, on the AMX path, int8 tile products of +-1/0 values: the same integer sums).
 //
 // The driver (binary_conv2d.cpp) owns buffers, threads and dispatch; each ISA file provides the
-// two hot loops (packing one channel block of one input row, and computing one output row for
-// 8 output channels; 32 for some rows on AMX). The arithmetic they must agree on lives in ../binary_conv2d_core.h.
+// two hot loops (packing one channel block of one input row, and computing one output row for 8
+// output channels; on AMX, one unit of output positions for 32, see amx_units). The arithmetic they
+// must agree on lives in ../binary_conv2d_core.h.
 #ifndef TOD_BINARY_CONV2D_CPU_H_
 #define TOD_BINARY_CONV2D_CPU_H_
 
