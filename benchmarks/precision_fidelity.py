@@ -23,7 +23,8 @@ within 1 point of FP32; FP16 fidelity >= 0.99.
 
 Usage: python benchmarks/precision_fidelity.py [--models bh,sr_tod,cfinet,thumbdet,dfr_det]
            [--checkpoints ~/.cache/tod-deploy/train_synthetic] [--size 512x512] [--images 16]
-           [--calib-size 64] [--iters 5] [--threads N] [--fidelity-score 0.3] [--out DIR] [--json FILE]
+           [--calib-size 64] [--iters 5] [--threads N] [--fidelity-score 0.3] [--max-sign-flips 0.001]
+           [--out DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from train_synthetic import CLASSES, DEFAULT_CACHE, MODELS, TRAIN_SEED, VAL_SEED
 from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.bench.timing import time_interleaved
-from tod_deploy.cli import FIDELITY_MIN_SCORE
+from tod_deploy.cli import FIDELITY_MIN_SCORE, MAX_SIGN_FLIPS
 from tod_deploy.environment import environment
 from tod_deploy.evaluation.run import evaluate_model
 from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES
@@ -75,9 +76,16 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
     for label, precision, target in VARIANTS:
         log(f"{name}: quantize {label} ...")
         path = fp32.with_name(f"{name}.{precision}{'-' + target if target else ''}.onnx")
-        result = quantize_model(fp32, precision, calib=calib, calib_size=args.calib_size,
-                                target=target or "tensorrt", output=path, log=log, show_progress=False)  # fmt: skip
+        result = quantize_model(
+            fp32, precision, calib=calib, calib_size=args.calib_size, target=target or "tensorrt", output=path,
+            log=log, show_progress=False, max_sign_flips=args.max_sign_flips,
+        )  # fmt: skip
         files[label] = result.output
+        checks = (result.sidecar["quantization"].get("sign_check") or {}).get("layers", {})
+        if checks:
+            shares = ", ".join(f"{layer} {100 * c['share']:.2f}%" for layer, c in checks.items())
+            log(f"{name}: {label}: {sum(c['int8'] for c in checks.values())} of {len(checks)} real layers feeding "
+                f"1-bit layers in INT8; signs each flips alone: {shares}")  # fmt: skip
     report = evaluate_model(fp32, data / ANNOTATIONS, data / IMAGES, backends="onnxruntime", class_agnostic=True,
                             compare=list(files.values()), fidelity_min_score=args.fidelity_score, log=log)  # fmt: skip
     images = verification_images(Sidecar.load(fp32).recipe, 1, seed=1)
@@ -124,6 +132,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fidelity-score", type=float, default=FIDELITY_MIN_SCORE, help="As eval's default.")
+    parser.add_argument("--max-sign-flips", type=float, default=MAX_SIGN_FLIPS,
+                        help="quantize --max-sign-flips (1-bit models: 1 puts every real layer in INT8).")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

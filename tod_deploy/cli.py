@@ -32,6 +32,7 @@ DEBUG_FLAG = "--debug"
 # matches; with the reference at the floor too, every box near 0.05 that a precision change moves
 # across it counts as a miss, though no user keeps such boxes.
 FIDELITY_MIN_SCORE = 0.3  # eval --fidelity-score; a constant here, so the CLI starts without numpy
+MAX_SIGN_FLIPS = 1e-3  # quantize --max-sign-flips (quant.binary_inputs), here for the same reason
 
 MethodOpt = Annotated[str, typer.Option("--method", "-m", help=f"Method to build: {', '.join(method_names())}.")]
 CheckpointOpt = Annotated[
@@ -639,6 +640,14 @@ def quantize_cmd(
             metavar="tensorrt|onnxruntime", help="INT8 layout: for TensorRT engines, or for onnxruntime on the CPU."
         ),
     ] = "tensorrt",
+    max_sign_flips: Annotated[
+        float,
+        typer.Option(
+            metavar="SHARE",
+            help="INT8, 1-bit models: a real layer feeding 1-bit layers runs in INT8 if it alone flips at most this "
+            "share of their input signs (0: keep them all FP32).",
+        ),
+    ] = MAX_SIGN_FLIPS,
     output: Annotated[
         Path | None, typer.Option(help="Output file (default: <stem>.fp16.onnx / <stem>.int8.onnx).")
     ] = None,
@@ -647,7 +656,8 @@ def quantize_cmd(
     """FP16 or INT8 ONNX for TensorRT 11 (strongly typed) or onnxruntime, with its error against FP32.
 
     FP16 keeps post-processing (box decoding, TopK, NMS, RoiAlign coordinates), tod nodes and large-range
-    tensors in FP32. INT8 keeps the stem, the last layer of each head, threshold inputs and tod nodes in FP32;
+    tensors in FP32. INT8 keeps the stem, the last layer of each head, threshold inputs and tod nodes in FP32,
+    and a real layer feeding 1-bit layers unless, quantized alone, it keeps their input signs (--max-sign-flips);
     --target tensorrt puts symmetric Q/DQ (zero point 0) around Conv/MatMul/Gemm, --target onnxruntime also
     around the adds, pooling, resizes and concats between them (uint8 activations, 7-bit weights), so that
     onnxruntime's CPU kernels stay in integers. Writes <stem>.<precision>.onnx and its .json together.
@@ -657,7 +667,7 @@ def quantize_cmd(
 
     result = quantize_model(
         model, precision, calib, calib_size, method, tuple(exclude or ()), seed, output, report, report_limit, log=log,
-        show_progress=err.is_terminal, target=target,
+        show_progress=err.is_terminal, target=target, max_sign_flips=max_sign_flips,
     )  # fmt: skip
     out.print(comparison_table(result))
     if result.sensitivity is not None:

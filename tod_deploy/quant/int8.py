@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import tempfile
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,12 @@ def qdq_quantize(
     nodes_to_quantize: list[str] | None = None,
     keep_float_inputs: list[str] | None = None,
     layout: Int8Layout = INT8_LAYOUTS["tensorrt"],
+    int8_writers: list[str] | None = None,
 ) -> onnx.ModelProto:
     """A Q/DQ copy of ``model`` from precomputed ranges (onnxruntime TensorsData), in ``layout``.
 
-    ``keep_float_inputs``: nodes that must read unquantized tensors (see :func:`unquantize_inputs`).
+    ``keep_float_inputs``: nodes that must read unquantized tensors (see :func:`unquantize_inputs`),
+    except the outputs of the ``int8_writers`` layers, which they read as the INT8 layer writes them.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
@@ -135,14 +138,16 @@ def qdq_quantize(
             root.setLevel(level)
         quantized = onnx.load(str(out))
     if keep_float_inputs:
-        unquantize_inputs(quantized, set(keep_float_inputs), model)
+        unquantize_inputs(quantized, set(keep_float_inputs), model, set(int8_writers or ()))
     quantized.ir_version = min(quantized.ir_version, IR_VERSION)
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)
     return quantized
 
 
-def unquantize_inputs(model: onnx.ModelProto, names: set[str], source: onnx.ModelProto) -> int:
+def unquantize_inputs(
+    model: onnx.ModelProto, names: set[str], source: onnx.ModelProto, int8_writers: Container[str] = ()
+) -> int:
     """Make the ``names`` nodes read the float tensors themselves, not DequantizeLinear(QuantizeLinear(x)).
 
     The quantizer puts one Q/DQ pair on a tensor and hands its output to every consumer, so a node
@@ -152,7 +157,9 @@ def unquantize_inputs(model: onnx.ModelProto, names: set[str], source: onnx.Mode
     it the activation's output name; a float reader of that name would then read the values before the
     activation (measured: CFINet with its layer3 kept in FP32 fell from 0.92 to 0.54 INT8 fidelity), so
     the activation, taken from ``source`` (the model before quantization), is put back for the float
-    readers alone. Returns the number of inputs rewired; Q/DQ nodes left without consumers are removed.
+    readers alone. Tensors written by the ``int8_writers`` layers stay quantized for every reader: a
+    float reader of a Conv's output would keep onnxruntime from running that Conv as QLinearConv.
+    Returns the number of inputs rewired; Q/DQ nodes left without consumers are removed.
     """
     producer = {t: n for n in model.graph.node for t in n.output}
     source_producer = {t: n for n in source.graph.node for t in n.output}
@@ -168,6 +175,9 @@ def unquantize_inputs(model: onnx.ModelProto, names: set[str], source: onnx.Mode
             q = producer.get(dq.input[0])
             if q is None or q.op_type != "QuantizeLinear":
                 continue  # a quantized weight: only layers have those, and kept layers were not quantized
+            writer = producer.get(q.input[0])
+            if writer is not None and writer.name in int8_writers:
+                continue
             if q.input[0] not in restored:
                 restored[q.input[0]] = _float_tensor(model, q.input[0], producer, source_producer, source)
             node.input[i] = restored[q.input[0]]

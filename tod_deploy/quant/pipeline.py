@@ -15,16 +15,21 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from tod_deploy.artifacts import IOSpec, Sidecar
 from tod_deploy.backends.onnxruntime_runner import load_onnx
+from tod_deploy.cli import MAX_SIGN_FLIPS
 from tod_deploy.errors import UserError
 from tod_deploy.quant import calibration
 from tod_deploy.quant.graph import GraphRoles, graph_roles, match_patterns
+
+if TYPE_CHECKING:
+    from tod_deploy.quant.binary_inputs import SignCheck
+    from tod_deploy.quant.int8 import Int8Layout
 
 # torch, graph-surgeon and the export modules load inside the functions: a mistake on the command
 # line (bad set, bad image, bad option) is reported before those seconds of imports.
@@ -32,6 +37,7 @@ from tod_deploy.quant.graph import GraphRoles, graph_roles, match_patterns
 Log = Callable[[str], None]
 PRECISIONS = ("fp16", "int8")
 PROBE_IMAGES = 2  # FP16 range probe: a couple of calibration samples find the large-range tensors
+SIGN_CHECK_BATCHES = 2  # calibration batches the 1-bit input sign check runs on
 
 
 @dataclass
@@ -102,13 +108,15 @@ def compare_models(
     return compare(ref_runner, got_runner, inputs, plan, PRECISION_POLICIES[precision])
 
 
-def _validate(model_path: Path, precision: str, method: str, calib_size: int | None) -> None:
+def _validate(model_path: Path, precision: str, method: str, calib_size: int | None, max_sign_flips: float) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
     if method not in calibration.METHODS:
         raise UserError(f"unknown calibration method {method!r}", f"use one of: {', '.join(calibration.METHODS)}")
     if calib_size is not None and calib_size < 1:
         raise UserError(f"--calib-size {calib_size} is not a number of images", "pass --calib-size 1 or more")
+    if not 0 <= max_sign_flips <= 1:
+        raise UserError(f"--max-sign-flips {max_sign_flips} is not a share", "pass a number from 0 to 1, e.g. 0.001")
     if model_path.suffix.lower() != ".onnx":
         raise UserError(f"{model_path} is not an ONNX file", "pass the .onnx file that tod-deploy export wrote")
     if not model_path.is_file():
@@ -133,12 +141,15 @@ def quantize_model(
     log: Log = print,
     show_progress: bool = True,
     target: str = "tensorrt",
+    max_sign_flips: float = MAX_SIGN_FLIPS,
 ) -> QuantizeResult:
-    """``target``: the runtime the INT8 file is laid out for (``quant.int8.INT8_LAYOUTS``); FP16 is one file."""
+    """``target``: the runtime the INT8 file is laid out for (``quant.int8.INT8_LAYOUTS``); FP16 is one file.
+    ``max_sign_flips``: INT8 only; a real layer in front of 1-bit layers runs in INT8 when its rounding
+    flips at most this share of their input signs (quant.binary_inputs); 0 keeps them all FP32."""
     from tod_deploy.quant.int8 import int8_layout
 
     model_path = Path(model_path)
-    _validate(model_path, precision, method, calib_size)
+    _validate(model_path, precision, method, calib_size, max_sign_flips)
     layout = int8_layout(target)
     if report and precision != "int8":
         raise UserError("--report measures INT8 per-layer sensitivity", "use it with --precision int8")
@@ -173,6 +184,8 @@ def quantize_model(
 
     ranges = None
     keep_fp32: dict[str, list[str]] = {}
+    sign_checks: list[SignCheck] = []
+    int8_feeders: list[str] = []
     if precision == "fp16":
         from tod_deploy.quant.fp16 import large_range_nodes, to_fp16
 
@@ -191,7 +204,7 @@ def quantize_model(
         log(f"FP16 autocast: {len(keep)} of {len(model.graph.node)} nodes kept in FP32")
         quantized = to_fp16(model, keep)
     else:
-        from tod_deploy.quant.int8 import qdq_quantize, qdq_summary
+        from tod_deploy.quant.int8 import qdq_summary
 
         ranges = calibration.compute_ranges(
             model, batches, method, list(layout.op_types), show_progress, f"calibrating ({method})",
@@ -206,21 +219,23 @@ def quantize_model(
             "tod custom op": roles.custom,
             "--exclude": [n for n in regex_nodes if n in set(roles.layers)],
         }
-        keep = list(dict.fromkeys(n for names in keep_fp32.values() for n in names))
-        reads_float = [*keep, *roles.tail]
-        if layout.between_layers:
-            # The arithmetic of post-processing, of a threshold's input and of a 1-bit layer's input stays
-            # float for the same reasons as the layers there. Only what feeds a decision (or was excluded by
-            # name) reads the unquantized tensor: a kept last layer or a RoiAlign reading a quantized layer's
-            # output through its DequantizeLinear leaves that layer ending in a QuantizeLinear alone, which
-            # onnxruntime needs to run it as QLinearConv (measured: BH's RPN convs, 9.7 GMAC on P2 alone,
-            # stayed float Conv otherwise).
-            decisions = [*roles.threshold_arithmetic, *roles.binarized_upstream, *roles.custom, *regex_nodes]
-            keep = list(dict.fromkeys([*keep, *roles.tail, *decisions]))
-            reads_float = decisions
-        quantized = qdq_quantize(
-            model, ranges, nodes_to_exclude=keep, keep_float_inputs=list(dict.fromkeys(reads_float)), layout=layout
-        )
+        others = {n for reason, names in keep_fp32.items() if reason != "feeds a 1-bit layer" for n in names}
+        candidates = [n for n in keep_fp32["feeds a 1-bit layer"] if n not in others]
+        if candidates and max_sign_flips > 0:
+            from tod_deploy.quant.binary_inputs import check_signs
+
+            trial = _int8(model, ranges, roles, keep_fp32, candidates, regex_nodes, layout)
+            progress, task = calibration.progress_bar(len(candidates), "checking 1-bit input signs", show_progress)
+            with progress:
+                sign_checks = check_signs(
+                    model, trial, candidates, batches[:SIGN_CHECK_BATCHES], max_sign_flips,
+                    lambda _n: progress.advance(task),
+                )  # fmt: skip
+            int8_feeders = [c.layer for c in sign_checks if c.int8]
+            keep_fp32["feeds a 1-bit layer"] = [n for n in keep_fp32["feeds a 1-bit layer"] if n not in int8_feeders]
+            log(f"1-bit input signs: {len(int8_feeders)} of {len(candidates)} real layers in front of 1-bit layers "
+                f"flip at most {max_sign_flips:.2%} of their signs alone and run in INT8")  # fmt: skip
+        quantized = _int8(model, ranges, roles, keep_fp32, int8_feeders, regex_nodes, layout)
         summary = qdq_summary(quantized)
         log(f"INT8 Q/DQ for {layout.target}: {len(summary.quantized_layers)} of {len(roles.layers)} "
             f"Conv/MatMul/Gemm layers quantized")  # fmt: skip
@@ -244,6 +259,12 @@ def quantize_model(
         "calibration": {**cal_set.to_dict(), "samples": len(batches) * batch, "seed": seed},
         "exclude_patterns": by_regex,
         "kept_fp32": keep_fp32,
+        "sign_check": {
+            "max_flips": max_sign_flips,
+            "layers": {c.layer: c.to_dict() for c in sign_checks},
+        }
+        if sign_checks
+        else None,
         "sub_pixel_convs": sub_pixel,
         "comparison": comparison.to_dict(),
     }
@@ -261,6 +282,37 @@ def quantize_model(
         quantized_sidecar = Sidecar(info)
         quantized_sidecar.save(tmp_json)
     return QuantizeResult(out_path, side, quantized_sidecar, comparison, sensitivity)
+
+
+def _int8(
+    model: onnx.ModelProto,
+    ranges: Any,
+    roles: GraphRoles,
+    keep_fp32: dict[str, list[str]],
+    int8_feeders: list[str],
+    regex_nodes: list[str],
+    layout: Int8Layout,
+) -> onnx.ModelProto:
+    """The Q/DQ file: ``keep_fp32``'s layers (but ``int8_feeders``) in FP32, the rest laid out for ``layout``."""
+    from tod_deploy.quant.int8 import qdq_quantize
+
+    keep = [n for names in keep_fp32.values() for n in names if n not in int8_feeders]
+    reads_float = [*keep, *roles.tail]
+    if layout.between_layers:
+        # The arithmetic of post-processing, of a threshold's input and of a 1-bit layer's input stays
+        # float for the same reasons as the layers there. Only what feeds a decision (or was excluded by
+        # name) reads the unquantized tensor: a kept last layer or a RoiAlign reading a quantized layer's
+        # output through its DequantizeLinear leaves that layer ending in a QuantizeLinear alone, which
+        # onnxruntime needs to run it as QLinearConv (measured: BH's RPN convs, 9.7 GMAC on P2 alone,
+        # stayed float Conv otherwise).
+        decisions = [*roles.threshold_arithmetic, *roles.binarized_upstream, *roles.custom, *regex_nodes]
+        decisions = [n for n in decisions if n not in int8_feeders]
+        keep = [*keep, *roles.tail, *decisions]
+        reads_float = decisions
+    return qdq_quantize(
+        model, ranges, nodes_to_exclude=list(dict.fromkeys(keep)), keep_float_inputs=list(dict.fromkeys(reads_float)),
+        layout=layout, int8_writers=int8_feeders,
+    )  # fmt: skip
 
 
 def _stamp(model: onnx.ModelProto, precision: str) -> None:
