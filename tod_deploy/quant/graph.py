@@ -103,7 +103,7 @@ def graph_roles(model: onnx.ModelProto) -> GraphRoles:
             roles.last_layers.append(node.name)
             tail |= reached
     roles.tail = [n.name for n in nodes if n.name in tail]
-    behind_sign = set(_threshold_branch(nodes, {o.name for o in model.graph.output}))
+    behind_sign = set(_behind_sign(nodes, {o.name for o in model.graph.output}))
     arithmetic: set[str] = set()
     for node in nodes:
         if is_layer(node) and node.name in behind_sign:
@@ -134,7 +134,7 @@ def _upstream_of(nodes: list[onnx.NodeProto], tensors: list[str]) -> list[str]:
     return [n.name for n in nodes if n.name in found]
 
 
-def _threshold_branch(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[str]:
+def _behind_sign(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[str]:
     """Nodes that reach the graph outputs only through a ``Sign`` (a hard threshold, e.g. SR-TOD's mask).
 
     Of these, the layers that reach the Sign through no other layer stay in FP32 by default, with the
