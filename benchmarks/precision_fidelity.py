@@ -23,7 +23,8 @@ within 1 point of FP32; FP16 fidelity >= 0.99.
 
 Usage: python benchmarks/precision_fidelity.py [--models bh,sr_tod,cfinet,thumbdet,dfr_det]
            [--checkpoints ~/.cache/tod-deploy/train_synthetic] [--size 512x512] [--images 16]
-           [--calib-size 64] [--iters 5] [--threads N] [--fidelity-score 0.3] [--max-sign-flips 0.001]
+           [--calib-size 64] [--iters 5] [--threads N] [--fidelity-score 0.3] [--method entropy]
+           [--max-sign-flips 0.001]
            [--out DIR] [--json FILE]
 """
 
@@ -78,7 +79,7 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
         path = fp32.with_name(f"{name}.{precision}{'-' + target if target else ''}.onnx")
         result = quantize_model(
             fp32, precision, calib=calib, calib_size=args.calib_size, target=target or "tensorrt", output=path,
-            log=log, show_progress=False, max_sign_flips=args.max_sign_flips,
+            log=log, show_progress=False, max_sign_flips=args.max_sign_flips, method=args.method,
         )  # fmt: skip
         files[label] = result.output
         checks = (result.sidecar["quantization"].get("sign_check") or {}).get("layers", {})
@@ -123,8 +124,10 @@ def percent(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="bh,sr_tod,cfinet,thumbdet,dfr_det")
-    parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CACHE if DEFAULT_CACHE.is_dir() else None,
-                        help="train_synthetic.py's cache of <model>.pth (default: its cache when it exists).")
+    parser.add_argument("--checkpoints", type=lambda v: None if v == "none" else Path(v),
+                        default=DEFAULT_CACHE if DEFAULT_CACHE.is_dir() else None,
+                        help="train_synthetic.py's cache of <model>.pth (default: its cache when it exists; "
+                        "none: seeded random weights, for speed alone).")  # fmt: skip
     parser.add_argument("--size", default="512x512")
     parser.add_argument("--data", type=Path, default=None, help="A held-out COCO set (default: made, see above).")
     parser.add_argument("--images", type=int, default=16, help="Images of the held-out set made by default.")
@@ -132,6 +135,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fidelity-score", type=float, default=FIDELITY_MIN_SCORE, help="As eval's default.")
+    parser.add_argument("--method", default="entropy", help="quantize --method: INT8 calibration.")
     parser.add_argument("--max-sign-flips", type=float, default=MAX_SIGN_FLIPS,
                         help="quantize --max-sign-flips (1-bit models: 1 puts every real layer in INT8).")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)

@@ -8,13 +8,15 @@ more bits further on. Each candidate layer is therefore checked alone and teache
 model with only that layer's Q/DQ (its input and weight chain, and its output's Q/DQ, as the INT8
 file runs it), so its inputs are exact and only its own rounding moves signs; the signs are read
 at the binary layers its values reach through no other binary layer's sign (later ones would count
-the cascade, not the layer). A layer runs in INT8 when the share of flipped signs there is at most
+the cascade, not the layer; a Bi-Real block's layer also adds its input back through its residual,
+and the layers behind it are not counted either). A layer runs in INT8 when the share of flipped signs there is at most
 the budget; the others stay FP32.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,7 +114,7 @@ def check_signs(
     layers: list[str],
     inputs: list[np.ndarray],
     max_flips: float,
-    on_layer=None,
+    on_layer: Callable[[str], None] | None = None,
 ) -> list[SignCheck]:
     """Each of ``layers`` quantized alone as ``quantized`` has it; the signs at the binary layers it
     reaches against FP32's on ``inputs`` (see the module docstring)."""
