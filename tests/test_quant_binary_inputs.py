@@ -7,6 +7,8 @@ the scales and zero points in the written file, not from the code that counts th
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 from test_quant import copy_export, quantize
 
+from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.export.passes import expose_tensors
 from tod_deploy.export.pipeline import ExportResult
 from tod_deploy.ops.binary_conv_ref import BinaryConvAttrs, binarize, is_binary_conv
+from tod_deploy.ops.ort_segments import SegmentedSession
 from tod_deploy.parity.comparator import verification_images
 from tod_deploy.quant.binary_inputs import check_signs, reached_binary_layers
 from tod_deploy.quant.int8 import qdq_summary
@@ -31,6 +35,21 @@ def every_feeder_int8(dfr_plugin_small: ExportResult, tmp_path_factory: pytest.T
     """DFR-Det FCOS, onnxruntime layout, with a budget every layer meets: all real feeders in INT8."""
     src = copy_export(dfr_plugin_small, tmp_path_factory.mktemp("dfr8"))
     return quantize(src, "int8", calib_size=2, target="onnxruntime", max_sign_flips=1.0)
+
+
+def _op_counts(path: Path) -> Counter:
+    """Node events per op type in one run's onnxruntime profile, through the runtime tod-deploy uses."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    session = SegmentedSession(onnx.load(str(path)), options)
+    h, w = Sidecar.load(path).recipe.input_size
+    session.run(None, {session.get_inputs()[0].name: np.full((1, 3, h, w), 100.0, np.float32)})
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    return Counter(e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {}))
 
 
 def _checks(result: QuantizeResult) -> dict[str, dict]:
@@ -63,6 +82,8 @@ def test_feeders_run_on_integers_and_binary_layers_read_what_they_write(
     for tower in reached_binary_layers(fp32, p6.name):
         (now,) = [n for n in model.graph.node if n.name == tower.name]
         assert producer[now.input[0]].op_type == "DequantizeLinear"
+    # and onnxruntime runs them so between the kernel's calls: its profiler names the integer kernels
+    assert _op_counts(every_feeder_int8.output)["QLinearConv"] >= len(checks)
     # the shares are measurements: not all equal, and none beyond a few percent for a working layout
     shares = [c["share"] for c in checks.values()]
     assert len(set(shares)) > 1 and 0 < max(shares) < 0.05
