@@ -191,6 +191,11 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     quantized_outputs = {producer[n.input[0]].name for n in model.graph.node
                          if n.op_type == "QuantizeLinear" and n.input[0] in producer}  # fmt: skip
     assert not quantized_outputs & set(roles.tail)  # post-processing computes in float
+    # so do the sampling positions (reference points + offsets -> GridSample's grid): no uint8 coordinates
+    sampling = set(roles.sampling_arithmetic)
+    assert {roles.op_types[n] for n in sampling} >= {"Add", "Mul"}
+    assert not [n.name for n in model.graph.node if n.name in sampling and set(n.input) & dequantized]
+    assert not quantized_outputs & sampling
     weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     # reduce_range: [-64, 64], so two u8 x s8 products sum to at most 2 * 255 * 64 = 32640 < 2**15
     assert weights and max(int(np.abs(w).max()) for w in weights) <= 64

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
@@ -64,6 +65,7 @@ class GraphRoles:
     threshold_layers: list[str] = field(default_factory=list)  # layers that reach a Sign through no other layer
     threshold_arithmetic: list[str] = field(default_factory=list)  # the nodes between them and the Sign
     binarized_upstream: list[str] = field(default_factory=list)  # nodes whose values reach a tod node's input
+    sampling_arithmetic: list[str] = field(default_factory=list)  # from the nearest layers to a GridSample's grid
     op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type (all nodes)
 
     def default_fp32(self) -> dict[str, list[str]]:
@@ -113,18 +115,23 @@ def graph_roles(model: onnx.ModelProto) -> GraphRoles:
                 arithmetic |= reached & behind_sign
     roles.threshold_arithmetic = [n.name for n in nodes if n.name in arithmetic]
     roles.binarized_upstream = _upstream_of(nodes, [n.input[0] for n in nodes if is_custom(n) and n.input])
+    grids = [n.input[1] for n in nodes if n.op_type == "GridSample" and len(n.input) > 1]
+    roles.sampling_arithmetic = _upstream_of(nodes, grids, stop=is_layer)
     return roles
 
 
-def _upstream_of(nodes: list[onnx.NodeProto], tensors: list[str]) -> list[str]:
-    """Nodes (graph order) whose values reach any of ``tensors``; shape-only paths do not count."""
+def _upstream_of(
+    nodes: list[onnx.NodeProto], tensors: list[str], stop: Callable[[onnx.NodeProto], bool] | None = None
+) -> list[str]:
+    """Nodes (graph order) whose values reach any of ``tensors``; shape-only paths do not count, and the walk
+    neither includes nor passes the ``stop`` nodes."""
     producer = {out: node for node in nodes for out in node.output if out}
     found: set[str] = set()
     queue = deque(tensors)
     seen = set(queue)
     while queue:
         node = producer.get(queue.popleft())
-        if node is None or node.op_type in SHAPE_OPS or node.name in found:
+        if node is None or node.op_type in SHAPE_OPS or node.name in found or (stop is not None and stop(node)):
             continue
         found.add(node.name)
         for t in node.input:

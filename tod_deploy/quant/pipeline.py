@@ -306,6 +306,10 @@ def _int8(
         # onnxruntime needs to run it as QLinearConv (measured: BH's RPN convs, 9.7 GMAC on P2 alone,
         # stayed float Conv otherwise).
         decisions = [*roles.threshold_arithmetic, *roles.binarized_upstream, *roles.custom, *regex_nodes]
+        # Sampling positions (Deformable-DETR's reference points plus offsets, GridSample's grid) stay float
+        # too: in uint8 a position in [0, 1] moves by up to 1/510 of the map, and onnxruntime's broadcasting
+        # QLinearAdd there cost ThumbDet 4x 29 ms of its 220 (6 encoder layers, 4.8 ms each, measured).
+        decisions += roles.sampling_arithmetic
         decisions = [n for n in decisions if n not in int8_feeders]
         keep = [*keep, *roles.tail, *decisions]
         reads_float = decisions
