@@ -12,7 +12,10 @@ Both precision passes need the same map of the graph:
   Gather/Concat bookkeeping around them);
 * ``tod`` domain nodes (1-bit convolutions), which only run in FP32, and every node upstream of
   their inputs: a 1-bit layer takes the sign of its input, and one sign flipped by rounding
-  cascades through a 1-bit network (measured: DFR-Det's box outputs moved ~50% under FP16).
+  cascades through a 1-bit network (measured: DFR-Det's box outputs moved ~50% under FP16); INT8
+  checks which real layers there keep those signs (:mod:`tod_deploy.quant.binary_inputs`);
+* the sampling arithmetic: the nodes from the nearest layers to a ``GridSample``'s grid (Deformable-DETR's
+  reference points plus offsets), which are coordinates like post-processing's.
 
 Shape-only paths (``Shape``/``Size``) carry no values, so they do not make a backbone layer "last".
 """
