@@ -119,25 +119,28 @@ def check_signs(
     """Each of ``layers`` quantized alone as ``quantized`` has it; the signs at the binary layers it
     reaches against FP32's on ``inputs`` (see the module docstring)."""
     reached = {layer: reached_binary_layers(model, layer) for layer in layers}
-    sign_inputs = list(dict.fromkeys(n.input[0] for nodes in reached.values() for n in nodes))
-    decide = {n.input[0]: BinaryConvAttrs.from_onnx(_attrs(n)) for nodes in reached.values() for n in nodes}
+    binary = {node.name: node for nodes in reached.values() for node in nodes}
+    decide = {name: BinaryConvAttrs.from_onnx(_attrs(node)) for name, node in binary.items()}
 
-    runs = [OnnxRuntimeRunner(expose_tensors(model, sign_inputs)).run(x) for x in inputs]
-    reference = {t: [binarize(r[t], decide[t].threshold, decide[t].zero_sign) for r in runs] for t in sign_inputs}
+    def signs(variant: onnx.ModelProto, names: list[str]) -> dict[str, list[np.ndarray]]:
+        """Per binary layer of ``names``: its input signs on each input, as ``variant`` computes them."""
+        reads = {node.name: node.input[0] for node in variant.graph.node if node.name in set(names)}
+        runner = OnnxRuntimeRunner(expose_tensors(variant, list(dict.fromkeys(reads.values()))))
+        runs = [runner.run(x) for x in inputs]
+        return {name: [binarize(run[reads[name]], decide[name].threshold, decide[name].zero_sign) for run in runs]
+                for name in names}  # fmt: skip
+
+    reference = signs(model, list(binary))
     checks = []
     for layer in layers:
-        names = [n.input[0] for n in reached[layer]]
+        names = [node.name for node in reached[layer]]
         flips = total = 0
         if names:
-            variant = with_output_qdq(single_layer_model(model, quantized, layer), quantized, layer)
-            # what each binary layer reads in the variant: behind the output's Q/DQ, where there is one
-            reads = {n.name: n.input[0] for n in variant.graph.node if n.name in {b.name for b in reached[layer]}}
-            read = [reads[b.name] for b in reached[layer]]
-            runs = [OnnxRuntimeRunner(expose_tensors(variant, list(dict.fromkeys(read)))).run(x) for x in inputs]
-            for name, got_name in zip(names, read, strict=True):
-                for run, ref in zip(runs, reference[name], strict=True):
-                    got = binarize(run[got_name], decide[name].threshold, decide[name].zero_sign)
-                    flips += int(np.count_nonzero(got != ref))
+            # the binary layers read the layer's output behind its Q/DQ, where the layout puts one
+            got = signs(with_output_qdq(single_layer_model(model, quantized, layer), quantized, layer), names)
+            for name in names:
+                for mine, ref in zip(got[name], reference[name], strict=True):
+                    flips += int(np.count_nonzero(mine != ref))
                     total += ref.size
         checks.append(SignCheck(layer, flips, total, len(names), flips <= max_flips * total))
         if on_layer:
