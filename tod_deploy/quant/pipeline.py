@@ -221,6 +221,7 @@ def quantize_model(
         }
         others = {n for reason, names in keep_fp32.items() if reason != "feeds a 1-bit layer" for n in names}
         candidates = [n for n in keep_fp32["feeds a 1-bit layer"] if n not in others]
+        trial = None
         if candidates and max_sign_flips > 0:
             from tod_deploy.quant.binary_inputs import check_signs
 
@@ -235,7 +236,9 @@ def quantize_model(
             keep_fp32["feeds a 1-bit layer"] = [n for n in keep_fp32["feeds a 1-bit layer"] if n not in int8_feeders]
             log(f"1-bit input signs: {len(int8_feeders)} of {len(candidates)} real layers in front of 1-bit layers "
                 f"flip at most {max_sign_flips:.2%} of their signs alone and run in INT8")  # fmt: skip
-        quantized = _int8(model, ranges, roles, keep_fp32, int8_feeders, regex_nodes, layout)
+        # the trial is already the file when every candidate passed: the same call, the same arguments
+        same = trial is not None and int8_feeders == candidates
+        quantized = trial if same else _int8(model, ranges, roles, keep_fp32, int8_feeders, regex_nodes, layout)
         summary = qdq_summary(quantized)
         log(f"INT8 Q/DQ for {layout.target}: {len(summary.quantized_layers)} of {len(roles.layers)} "
             f"Conv/MatMul/Gemm layers quantized")  # fmt: skip
