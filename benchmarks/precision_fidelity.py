@@ -23,7 +23,7 @@ within 1 point of FP32; FP16 fidelity >= 0.99.
 
 Usage: python benchmarks/precision_fidelity.py [--models bh,sr_tod,cfinet,thumbdet,dfr_det]
            [--checkpoints ~/.cache/tod-deploy/train_synthetic] [--size 512x512] [--images 16]
-           [--calib-size 64] [--iters 5] [--threads N] [--fidelity-score 0.3] [--method entropy]
+           [--calib-size 64] [--iters 5] [--threads N] [--fidelity-score 0.3] [--method mse]
            [--max-sign-flips 0.001]
            [--out DIR] [--json FILE]
 """
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fidelity-score", type=float, default=FIDELITY_MIN_SCORE, help="As eval's default.")
-    parser.add_argument("--method", default="entropy", help="quantize --method: INT8 calibration.")
+    parser.add_argument("--method", default=None, help="quantize --method (default: each layout's own).")
     parser.add_argument("--max-sign-flips", type=float, default=MAX_SIGN_FLIPS,
                         help="quantize --max-sign-flips (1-bit models: 1 puts every real layer in INT8).")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)

@@ -321,6 +321,44 @@ def test_histogram_calibration_holds_one_batch_at_a_time() -> None:
     assert float(low) >= 0.0 and 0.0 < float(high)
 
 
+def quantization_mse(values: np.ndarray, low: float, high: float, qmin: int, qmax: int) -> float:
+    """QuantizeLinear (round half to even, saturate) then DequantizeLinear in NumPy, as onnxruntime scales a range."""
+    scale = (high - low) / (qmax - qmin)
+    zero_point = 0 if qmin < 0 else int(np.round(-low / scale))
+    q = np.clip(np.round(values / scale) + zero_point, qmin, qmax)
+    return float(np.mean(((q - zero_point) * scale - values) ** 2))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_range_has_the_least_error_a_search_over_the_values_finds(symmetric: bool) -> None:
+    """``--method mse`` from onnxruntime's histograms against a brute-force search over the values themselves,
+    on heavy-tailed values (Laplace, as activations often are), where the best range clips the tail."""
+    from tod_deploy.quant.calibration import mse_ranges
+
+    rng = np.random.default_rng(3)
+    values = rng.laplace(0.5 if not symmetric else 0.0, 0.4, 60_000).astype(np.float32)
+    low, high = float(values.min()), float(values.max())
+    if symmetric:  # the percentile collector's two histogram forms
+        hist, edges = np.histogram(np.abs(values), bins=2048)
+        histograms = {"t": (hist, edges.astype(np.float32), values.min(), values.max())}
+        qmin, qmax = -127, 127
+    else:
+        top = max(abs(low), abs(high))
+        hist, edges = np.histogram(values, bins=2048, range=(-top, top))
+        histograms = {"t": (hist, edges.astype(np.float32), values.min(), values.max(), np.float32(top))}
+        qmin, qmax = 0, 255
+    lo, hi = (float(v) for v in mse_ranges(histograms).data["t"].range_value)
+    got = quantization_mse(values, lo, hi, qmin, qmax)
+    ends = np.linspace(0.02, 1.0, 50)
+    if symmetric:
+        best = min(quantization_mse(values, -m * high, m * high, qmin, qmax) for m in ends)
+    else:
+        best = min(quantization_mse(values, a * low, b * high, qmin, qmax) for a in ends for b in ends)
+    assert got <= 1.05 * best, (lo, hi, got, best)
+    whole = quantization_mse(values, -max(-low, high) if symmetric else low, high, qmin, qmax)
+    assert got < 0.95 * whole and hi < 0.95 * high, (got, whole, hi, high)  # max: the tail sets the step
+
+
 def test_int8_two_stage(small_cfinet: ExportResult, tmp_path: Path) -> None:
     result = quantize(copy_export(small_cfinet, tmp_path), "int8", calib_size=3)
     model = assert_runs_like_an_export(result, "int8")

@@ -614,12 +614,15 @@ def quantize_cmd(
         int | None, typer.Option(help="Samples to calibrate on (default: each image once; more adds seeded crops).")
     ] = None,
     method: Annotated[
-        str,
+        str | None,
         typer.Option(
-            metavar="entropy|max|percentile",
-            help="INT8 calibration: entropy (KL, as TensorRT's calibrator), max, or percentile (99.999%).",
+            metavar="entropy|max|percentile|mse",
+            help="INT8 calibration: entropy (KL, as TensorRT's calibrator), max, percentile (99.999%), or mse "
+            "(the range with the least squared rounding and clipping error). Default: entropy for --target "
+            "tensorrt, mse for --target onnxruntime.",
+            show_default=False,
         ),
-    ] = "entropy",
+    ] = None,
     exclude: Annotated[
         list[str] | None,
         typer.Option(

@@ -54,6 +54,7 @@ class Int8Layout:
     quantize_bias: bool
     reduce_range: bool
     sub_pixel: bool  # transposed convs rewritten as convs first (quant.subpixel): the runtime has no int8 one
+    calibration: str  # the default --method (measured per layout: see quant.calibration)
 
     @property
     def between_layers(self) -> bool:
@@ -72,8 +73,8 @@ class Int8Layout:
 
 
 INT8_LAYOUTS = {
-    "tensorrt": Int8Layout("tensorrt", QUANTIZABLE_OPS, "QInt8", True, False, False, False),
-    "onnxruntime": Int8Layout("onnxruntime", ONNXRUNTIME_INT8_OPS, "QUInt8", False, True, True, True),
+    "tensorrt": Int8Layout("tensorrt", QUANTIZABLE_OPS, "QInt8", True, False, False, False, "entropy"),
+    "onnxruntime": Int8Layout("onnxruntime", ONNXRUNTIME_INT8_OPS, "QUInt8", False, True, True, True, "mse"),
 }
 
 

@@ -132,7 +132,7 @@ def quantize_model(
     precision: str,
     calib: Path | str | None = None,
     calib_size: int | None = None,
-    method: str = "entropy",
+    method: str | None = None,
     exclude: tuple[str, ...] | list[str] = (),
     seed: int = 0,
     output: Path | None = None,
@@ -145,12 +145,14 @@ def quantize_model(
 ) -> QuantizeResult:
     """``target``: the runtime the INT8 file is laid out for (``quant.int8.INT8_LAYOUTS``); FP16 is one file.
     ``max_sign_flips``: INT8 only; a real layer in front of 1-bit layers runs in INT8 when its rounding
-    flips at most this share of their input signs (quant.binary_inputs); 0 keeps them all FP32."""
+    flips at most this share of their input signs (quant.binary_inputs); 0 keeps them all FP32.
+    ``method``: INT8 calibration (None: the layout's own, ``Int8Layout.calibration``)."""
     from tod_deploy.quant.int8 import int8_layout
 
     model_path = Path(model_path)
-    _validate(model_path, precision, method, calib_size, max_sign_flips)
     layout = int8_layout(target)
+    method = method or layout.calibration
+    _validate(model_path, precision, method, calib_size, max_sign_flips)
     if report and precision != "int8":
         raise UserError("--report measures INT8 per-layer sensitivity", "use it with --precision int8")
     if report_limit is not None and report_limit < 1:
