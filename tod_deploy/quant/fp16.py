@@ -99,18 +99,19 @@ def drop_round_trips(converted: onnx.ModelProto) -> None:
     def cast_to(node: onnx.NodeProto) -> int | None:
         return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
 
+    nested = {t for n in graph.node for t in _subgraph_reads(n)}  # read inside If / Loop bodies: left alone
     narrowing = {n.output[0]: n for n in graph.node if cast_to(n) == onnx.TensorProto.FLOAT16 and n.input[0] in float32}
     widening = {
         n.output[0]: narrowing[n.input[0]].input[0]
         for n in graph.node
-        if cast_to(n) == onnx.TensorProto.FLOAT and n.input[0] in narrowing and n.output[0] not in outputs
+        if cast_to(n) == onnx.TensorProto.FLOAT and n.input[0] in narrowing and n.output[0] not in outputs | nested
     }
     if not widening:
         return
     kept = [n for n in graph.node if not (n.op_type == "Cast" and n.output[0] in widening)]
     for node in kept:
         node.input[:] = [widening.get(t, t) for t in node.input]
-    read = {t for n in kept for t in _reads(n)} | outputs
+    read = {t for n in kept for t in (*n.input, *_subgraph_reads(n))} | outputs
     kept = [n for n in kept if not (n.op_type == "Cast" and n.output[0] in narrowing and n.output[0] not in read)]
     gone = set(widening) | {t for t in narrowing if t not in read}
     del graph.node[:]
@@ -120,14 +121,14 @@ def drop_round_trips(converted: onnx.ModelProto) -> None:
     graph.value_info.extend(info)
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """Tensors a node reads, with those its subgraphs (If / Loop bodies) read from outside."""
-    names = set(node.input)
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Tensors the subgraphs of a node (If / Loop bodies) read, their own included."""
+    names: set[str] = set()
     subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
     for attr in node.attribute:
         for sub in (attr.g, *attr.graphs) if attr.type in subgraphs else ():
             for inner in sub.node:
-                names |= _reads(inner)
+                names |= set(inner.input) | _subgraph_reads(inner)
     return names
 
 
