@@ -321,12 +321,25 @@ def test_histogram_calibration_holds_one_batch_at_a_time() -> None:
     assert float(low) >= 0.0 and 0.0 < float(high)
 
 
-def quantization_mse(values: np.ndarray, low: float, high: float, qmin: int, qmax: int) -> float:
-    """QuantizeLinear (round half to even, saturate) then DequantizeLinear in NumPy, as onnxruntime scales a range."""
-    scale = (high - low) / (qmax - qmin)
-    zero_point = 0 if qmin < 0 else int(np.round(-low / scale))
-    q = np.clip(np.round(values / scale) + zero_point, qmin, qmax)
-    return float(np.mean(((q - zero_point) * scale - values) ** 2))
+def dequantized(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int = 1) -> np.ndarray:
+    """QuantizeLinear then DequantizeLinear as the ONNX spec defines them (uint8 or int8, per tensor or axis)."""
+    info = np.iinfo(zero_point.dtype)
+    shape = [1] * x.ndim
+    if scale.size > 1:
+        shape[axis] = scale.size
+    s, z = scale.reshape(shape).astype(np.float64), zero_point.reshape(shape).astype(np.float64)
+    q = np.clip(np.rint(x / s) + z, info.min, info.max)
+    return (q - z) * s
+
+
+def quantization_mse(values: np.ndarray, low: float, high: float, symmetric: bool) -> float:
+    """Squared error of ``values`` through Q/DQ with the scale and zero point onnxruntime derives from a range."""
+    if symmetric:  # int8, zero point 0, scale from [-127, 127]
+        scale, zero_point = np.array(max(-low, high) / 127), np.array(0, np.int8)
+    else:  # uint8 over [0, 255]
+        scale = np.array((high - low) / 255)
+        zero_point = np.array(np.round(-low / scale), np.uint8)
+    return float(np.mean((dequantized(values, scale, zero_point) - values) ** 2))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -341,21 +354,19 @@ def test_mse_range_has_the_least_error_a_search_over_the_values_finds(symmetric:
     if symmetric:  # the percentile collector's two histogram forms
         hist, edges = np.histogram(np.abs(values), bins=2048)
         histograms = {"t": (hist, edges.astype(np.float32), values.min(), values.max())}
-        qmin, qmax = -127, 127
     else:
         top = max(abs(low), abs(high))
         hist, edges = np.histogram(values, bins=2048, range=(-top, top))
         histograms = {"t": (hist, edges.astype(np.float32), values.min(), values.max(), np.float32(top))}
-        qmin, qmax = 0, 255
     lo, hi = (float(v) for v in mse_ranges(histograms).data["t"].range_value)
-    got = quantization_mse(values, lo, hi, qmin, qmax)
+    got = quantization_mse(values, lo, hi, symmetric)
     ends = np.linspace(0.02, 1.0, 50)
     if symmetric:
-        best = min(quantization_mse(values, -m * high, m * high, qmin, qmax) for m in ends)
+        best = min(quantization_mse(values, -m * high, m * high, symmetric) for m in ends)
     else:
-        best = min(quantization_mse(values, a * low, b * high, qmin, qmax) for a in ends for b in ends)
+        best = min(quantization_mse(values, a * low, b * high, symmetric) for a in ends for b in ends)
     assert got <= 1.05 * best, (lo, hi, got, best)
-    whole = quantization_mse(values, -max(-low, high) if symmetric else low, high, qmin, qmax)
+    whole = quantization_mse(values, low, high, symmetric)
     assert got < 0.95 * whole and hi < 0.95 * high, (got, whole, hi, high)  # max: the tail sets the step
 
 

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
-from test_quant import copy_export, quantize
+from test_quant import copy_export, dequantized, quantize
 
 from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
@@ -105,17 +105,6 @@ def test_budget_decides_which_feeders_run_int8(
     assert set(shares) - int8 <= set(kept)
 
 
-def _dequantized(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int = 1) -> np.ndarray:
-    """QuantizeLinear then DequantizeLinear as the ONNX spec defines them (uint8 or int8, per tensor or axis)."""
-    info = np.iinfo(zero_point.dtype)
-    shape = [1] * x.ndim
-    if scale.size > 1:
-        shape[axis] = scale.size
-    s, z = scale.reshape(shape).astype(np.float64), zero_point.reshape(shape).astype(np.float64)
-    q = np.clip(np.rint(x / s) + z, info.min, info.max)
-    return (q - z) * s
-
-
 def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int) -> np.ndarray:
     x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     k = w.shape[-1]
@@ -145,9 +134,9 @@ def test_flip_counts_match_a_numpy_reference(every_feeder_int8: QuantizeResult, 
     flips = signs = 0
     for images in inputs:
         got = runner.run(images)
-        x = _dequantized(got[p6.input[0]].astype(np.float64), consts[dq_x.input[1]], consts[dq_x.input[2]])
+        x = dequantized(got[p6.input[0]].astype(np.float64), consts[dq_x.input[1]], consts[dq_x.input[2]])
         y = _conv(x, w, b, stride=2, pad=1)
-        y = _dequantized(y, consts[q_out.input[1]], consts[q_out.input[2]])
+        y = dequantized(y, consts[q_out.input[1]], consts[q_out.input[2]])
         for tower in towers:
             attrs = BinaryConvAttrs.from_onnx({a.name: onnx.helper.get_attribute_value(a) for a in tower.attribute})
             ref = binarize(got[p6.output[0]], attrs.threshold, attrs.zero_sign)
