@@ -161,6 +161,22 @@ def test_detections_as_ground_truth_for_fidelity(two_class_gt: dict[str, Any]) -
     assert drifted["AP"] < 0.9 * identical["AP"]
 
 
+def test_fidelity_found_counts_lost_boxes_not_reranked_ones(two_class_gt: dict[str, Any]) -> None:
+    """AR50 ("found") is the share of reference boxes detected at IoU >= 0.5 whatever the score: dropping k
+    of n boxes gives (n - k) / n exactly; shuffling the scores lowers AP50 and leaves AR50 at 1."""
+    reference = [d for d in jittered(two_class_gt, seed=2) if d["score"] >= 0.3]
+    gt = detections_as_ground_truth(two_class_gt, reference, min_score=0.3)
+    n = len(gt["annotations"])
+    assert evaluate_detections(gt, reference)["AR50"] == pytest.approx(1.0)
+    lost = evaluate_detections(gt, reference[7:], class_agnostic=True)  # one pool: no per-category mean
+    assert lost["AR50"] == pytest.approx((n - 7) / n)
+    rng = np.random.default_rng(4)
+    false_alarms = [{**d, "bbox": [d["bbox"][0] + 3 * d["bbox"][2], *d["bbox"][1:]]} for d in reference]
+    shuffled = [{**d, "score": float(rng.random())} for d in [*reference, *false_alarms]]
+    reranked = evaluate_detections(gt, shuffled)
+    assert reranked["AR50"] == pytest.approx(1.0) and reranked["AP50"] < 0.9
+
+
 def test_empty_and_non_finite_detections(two_class_gt: dict[str, Any]) -> None:
     empty = evaluate_detections(two_class_gt, [])
     assert empty["AP"] == 0.0 and empty["APvt"] == 0.0 and empty["coco_APl"] is None

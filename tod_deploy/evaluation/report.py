@@ -57,13 +57,16 @@ def fidelity_table(report: EvalReport) -> Table | None:
     table = Table(
         title=f"deployment fidelity: agreement with {report.fidelity_reference} "
         f"(its detections with score >= {report.fidelity_min_score:g} as ground truth)",
-        caption="AP % of each row scored against the reference's boxes; 100 = reproduces it",
+        caption="AP % of each row scored against the reference's boxes; 100 = reproduces it. "
+        "found: % of the reference's boxes the row detects at IoU >= 0.5, at any score "
+        "(AP50 below found: boxes re-ranked, not lost)",
     )
     table.add_column("row")
     for metric in TABLE_METRICS:
         table.add_column(metric, justify="right")
+    table.add_column("found", justify="right")
     for row, metrics in report.fidelity.items():
-        table.add_row(row, *(_fmt(metrics[m]) for m in TABLE_METRICS))
+        table.add_row(row, *(_fmt(metrics[m]) for m in TABLE_METRICS), _fmt(metrics["AR50"]))
     return table
 
 
