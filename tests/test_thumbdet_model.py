@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from tod_deploy.methods.thumbdet import (
     query_filter,
 )
 from tod_deploy.models import build_training_model, parameter_count
+from tod_deploy.nn.ops import ms_deform_attn
 from tod_deploy.recipes import load_recipe
 
 
@@ -167,3 +169,41 @@ def test_config_rejects_unknown_scale() -> None:
 
     with pytest.raises(UserError, match="scale must be 4, 2 or 1"):
         ThumbDetConfig.from_recipe(load_recipe("thumbdet", overrides={"model": {"scale": 3}}))
+
+
+def bilinear_zero_padded(image: np.ndarray, x: float, y: float) -> np.ndarray:
+    """image [D, H, W] at normalized (x, y) in pixel-centre convention (align_corners=False), zeros outside."""
+    _, h, w = image.shape
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = int(np.floor(px)), int(np.floor(py))
+    out = np.zeros(image.shape[0])
+    for xi, wx in ((x0, x0 + 1 - px), (x0 + 1, px - x0)):
+        for yi, wy in ((y0, y0 + 1 - py), (y0 + 1, py - y0)):
+            if 0 <= xi < w and 0 <= yi < h:
+                out += wx * wy * image[:, yi, xi]
+    return out
+
+
+def test_ms_deform_attn_matches_a_numpy_reference() -> None:
+    """Deformable-DETR's attention: per query and head, the attention-weighted sum over levels and points of
+    the level's value map sampled bilinearly at the point (zero outside the map), heads concatenated."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 5), (2, 3), (3, 1)]
+    n, m, d, lq, points = 2, 2, 3, 5, 2
+    value = torch.randn(n, sum(h * w for h, w in shapes), m, d, generator=gen)
+    locations = torch.rand(n, lq, m, len(shapes), points, 2, generator=gen) * 1.4 - 0.2  # some off the map
+    weights = torch.rand(n, lq, m, len(shapes), points, generator=gen)
+    got = ms_deform_attn(value, shapes, locations, weights).numpy()
+    starts = np.cumsum([0] + [h * w for h, w in shapes])
+    expected = np.zeros((n, lq, m * d))
+    for b in range(n):
+        for q in range(lq):
+            for head in range(m):
+                for level, (h, w) in enumerate(shapes):
+                    image = value[b, starts[level] : starts[level + 1], head].numpy().T.reshape(d, h, w)
+                    for pt in range(points):
+                        x, y = locations[b, q, head, level, pt].tolist()
+                        sample = bilinear_zero_padded(image.astype(np.float64), x, y)
+                        expected[b, q, head * d : (head + 1) * d] += float(weights[b, q, head, level, pt]) * sample
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)
