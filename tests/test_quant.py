@@ -211,11 +211,18 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     quantized_outputs = {producer[n.input[0]].name for n in model.graph.node
                          if n.op_type == "QuantizeLinear" and n.input[0] in producer}  # fmt: skip
     assert not quantized_outputs & set(roles.tail)  # post-processing computes in float
-    # so do the sampling positions (reference points + offsets -> GridSample's grid): no uint8 coordinates
+    # so do the sampling positions (reference points + offsets -> GridSample's grid): no uint8 coordinates;
+    # and the attention-weighted sum of the samples up to the next layer (GridSample's output is float)
     sampling = set(roles.sampling_arithmetic)
-    assert {roles.op_types[n] for n in sampling} >= {"Add", "Mul"}
+    assert {roles.op_types[n] for n in sampling} >= {"Add", "Mul", "ReduceSum"}
+    samples = {n.output[0] for n in model.graph.node if n.op_type == "GridSample"}
+    assert samples and not [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in samples]
     assert not [n.name for n in model.graph.node if n.name in sampling and set(n.input) & dequantized]
-    assert not quantized_outputs & sampling
+    # the only sampled values quantized are the next layers' inputs (as every layer's input is)
+    fp32 = onnx.load(str(small_export.onnx_path))
+    layer_inputs = {n.input[0] for n in fp32.graph.node if n.name in set(roles.layers)}
+    feeding = {n.name for n in fp32.graph.node if n.name in sampling and set(n.output) & layer_inputs}
+    assert feeding and quantized_outputs & sampling == feeding, (quantized_outputs & sampling) ^ feeding
     weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     # reduce_range: [-64, 64], so two u8 x s8 products sum to at most 2 * 255 * 64 = 32640 < 2**15
     assert weights and max(int(np.abs(w).max()) for w in weights) <= 64

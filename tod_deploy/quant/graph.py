@@ -15,7 +15,8 @@ Both precision passes need the same map of the graph:
   cascades through a 1-bit network (measured: DFR-Det's box outputs moved ~50% under FP16); INT8
   checks which real layers there keep those signs (:mod:`tod_deploy.quant.binary_inputs`);
 * the sampling arithmetic: the nodes from the nearest layers to a ``GridSample``'s grid (Deformable-DETR's
-  reference points plus offsets), which are coordinates like post-processing's.
+  reference points plus offsets), which are coordinates like post-processing's, and from its output to
+  the next layers (the attention-weighted sum of the samples), which GridSample leaves in float.
 
 Shape-only paths (``Shape``/``Size``) carry no values, so they do not make a backbone layer "last".
 """
@@ -68,7 +69,7 @@ class GraphRoles:
     threshold_layers: list[str] = field(default_factory=list)  # layers that reach a Sign through no other layer
     threshold_arithmetic: list[str] = field(default_factory=list)  # the nodes between them and the Sign
     binarized_upstream: list[str] = field(default_factory=list)  # nodes whose values reach a tod node's input
-    sampling_arithmetic: list[str] = field(default_factory=list)  # from the nearest layers to a GridSample's grid
+    sampling_arithmetic: list[str] = field(default_factory=list)  # layers -> GridSample's grid, its output -> layers
     op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type (all nodes)
 
     def default_fp32(self) -> dict[str, list[str]]:
@@ -119,7 +120,11 @@ def graph_roles(model: onnx.ModelProto) -> GraphRoles:
     roles.threshold_arithmetic = [n.name for n in nodes if n.name in arithmetic]
     roles.binarized_upstream = _upstream_of(nodes, [n.input[0] for n in nodes if is_custom(n) and n.input])
     grids = [n.input[1] for n in nodes if n.op_type == "GridSample" and len(n.input) > 1]
-    roles.sampling_arithmetic = _upstream_of(nodes, grids, stop=is_layer)
+    sampling = set(_upstream_of(nodes, grids, stop=is_layer))
+    for node in nodes:
+        if node.op_type == "GridSample":
+            sampling |= _downstream(node, consumers, set())[0]
+    roles.sampling_arithmetic = [n.name for n in nodes if n.name in sampling]
     return roles
 
 
