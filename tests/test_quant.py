@@ -229,6 +229,10 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     ops = optimized_ops(thumbdet_int8_ort.output, tmp_path)
     assert ops["QLinearConv"] + ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] >= len(summary.quantized_layers) // 2
     assert ops["QLinearAdd"] > 0, ops
+    # Softmax (the attention weights) stays float: onnxruntime's QLinearSoftmax is slower than float
+    softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert softmax and not [n.name for n in softmax if set(n.input) & dequantized]
+    assert ops["QLinearSoftmax"] == 0, ops
     # The integer kernels compute what the file says (its DequantizeLinear -> float op -> QuantizeLinear
     # reading), up to requantization rounding: 7-bit weights leave MLAS's 16-bit pair sums unsaturated on
     # every x86 CPU, VNNI or not. (Measured on an AVX2-only CPU: logits 0.21 off FP32 in integer kernels,

@@ -318,6 +318,10 @@ def _int8(
         # dequantizing the products for ReduceSum cost ThumbDet 4x 21 ms more than float (measured: 199.3
         # -> 177.5 ms at 800x1333, 2 threads, Xeon).
         decisions += roles.sampling_arithmetic
+        # Softmax too (Deformable-DETR's attention weights): onnxruntime fuses DequantizeLinear -> Softmax ->
+        # QuantizeLinear into QLinearSoftmax, slower than float Softmax (ThumbDet 4x's 16: 3.8 vs 1.2 ms; its
+        # INT8 172.0 -> 166.7 ms, measured). Elsewhere Softmax is post-processing, float already.
+        decisions += [name for name, op in roles.op_types.items() if op == "Softmax"]
         decisions = [n for n in decisions if n not in int8_feeders]
         keep = [*keep, *roles.tail, *decisions]
         reads_float = decisions
