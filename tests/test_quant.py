@@ -201,7 +201,8 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     assert layout["target"] == "onnxruntime" and layout["weights"] == "int7 symmetric per channel"
     summary = qdq_summary(model)
     assert summary.nonzero_zero_points  # asymmetric uint8 activations
-    roles = graph_roles(onnx.load(str(small_export.onnx_path)))
+    exported = onnx.load(str(small_export.onnx_path))
+    roles = graph_roles(exported)
     kept = {roles.stem, *roles.last_layers}
     assert set(summary.quantized_layers) == set(roles.layers) - kept
     dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
@@ -219,9 +220,8 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     assert samples and not [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in samples]
     assert not [n.name for n in model.graph.node if n.name in sampling and set(n.input) & dequantized]
     # the only sampled values quantized are the next layers' inputs (as every layer's input is)
-    fp32 = onnx.load(str(small_export.onnx_path))
-    layer_inputs = {n.input[0] for n in fp32.graph.node if n.name in set(roles.layers)}
-    feeding = {n.name for n in fp32.graph.node if n.name in sampling and set(n.output) & layer_inputs}
+    layer_inputs = {n.input[0] for n in exported.graph.node if n.name in set(roles.layers)}
+    feeding = {n.name for n in exported.graph.node if n.name in sampling and set(n.output) & layer_inputs}
     assert feeding and quantized_outputs & sampling == feeding, (quantized_outputs & sampling) ^ feeding
     weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     # reduce_range: [-64, 64], so two u8 x s8 products sum to at most 2 * 255 * 64 = 32640 < 2**15
@@ -242,7 +242,7 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     logits = ["pred_logits"]
     integer = OnnxRuntimeRunner(expose_tensors(model, logits)).run(images)["pred_logits"]
     as_read = OnnxRuntimeRunner(expose_tensors(model, logits), optimize=False).run(images)["pred_logits"]
-    fp32 = OnnxRuntimeRunner(expose_tensors(onnx.load(str(small_export.onnx_path)), logits)).run(images)["pred_logits"]
+    fp32 = OnnxRuntimeRunner(expose_tensors(exported, logits)).run(images)["pred_logits"]
     integer_error, read_error = float(np.abs(integer - fp32).max()), float(np.abs(as_read - fp32).max())
     assert 0 < integer_error < 1.5 * read_error, (integer_error, read_error)
     # Zero points are not TensorRT's: `check --target tensorrt` names them and the flag that fixes it.
