@@ -200,10 +200,10 @@ def test_ms_deform_attn_matches_a_numpy_reference() -> None:
         for q in range(lq):
             for head in range(m):
                 for level, (h, w) in enumerate(shapes):
-                    image = value[b, starts[level] : starts[level + 1], head].numpy().T.reshape(d, h, w)
+                    image = value[b, starts[level] : starts[level + 1], head].double().numpy().T.reshape(d, h, w)
                     for pt in range(points):
                         x, y = locations[b, q, head, level, pt].tolist()
-                        sample = bilinear_zero_padded(image.astype(np.float64), x, y)
+                        sample = bilinear_zero_padded(image, x, y)
                         expected[b, q, head * d : (head + 1) * d] += float(weights[b, q, head, level, pt]) * sample
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
