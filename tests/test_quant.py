@@ -22,6 +22,7 @@ from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.errors import UserError
 from tod_deploy.export.passes import expose_tensors
 from tod_deploy.export.pipeline import ExportResult
+from tod_deploy.quant.activation_sqnr import TensorSqnr, activation_sqnr, low_sqnr
 from tod_deploy.quant.graph import float_tensor_types, graph_roles
 from tod_deploy.quant.int8 import qdq_summary
 from tod_deploy.quant.pipeline import QuantizeResult, quantize_model
@@ -460,6 +461,73 @@ def test_sensitivity_report(dfr_plugin_small: ExportResult, tmp_path: Path) -> N
     assert len(set(errors_)) > 1 and max(errors_) > 0  # a measurement, not a constant
     assert all(0 < row.layer_error < 1 for row in report.rows)
     assert {row.role for row in report.rows} >= {"stem", ""}
+
+
+def _sqnr_through_onnxruntime(fp32: onnx.ModelProto, int8: onnx.ModelProto, tensor: str, inputs: list) -> float:
+    """The reference: ``tensor`` of the FP32 model through a copy of the INT8 file's own QuantizeLinear ->
+    DequantizeLinear, run by onnxruntime (its rounding and saturation, not ours)."""
+    (q,) = [n for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
+    inits = {i.name: i for i in int8.graph.initializer}
+    model = expose_tensors(fp32, [tensor])
+    model.graph.initializer.extend(inits[name] for name in q.input[1:] if name)
+    model.graph.node.extend([
+        onnx.helper.make_node("QuantizeLinear", list(q.input), ["ref_q"]),
+        onnx.helper.make_node("DequantizeLinear", ["ref_q", *q.input[1:]], ["ref_dq"]),
+    ])  # fmt: skip
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info("ref_dq"))
+    runner = OnnxRuntimeRunner(model)
+    signal = noise = 0.0
+    for x in inputs:
+        out = runner.run(x)
+        v, dq = out[tensor].astype(np.float64), out["ref_dq"].astype(np.float64)
+        signal, noise = signal + float(np.sum(v * v)), noise + float(np.sum((v - dq) ** 2))
+    return 10 * np.log10(signal / noise)
+
+
+def test_activation_sqnr_matches_onnxruntimes_own_quantize_linear(
+    small_export: ExportResult, thumbdet_int8_ort: QuantizeResult
+) -> None:
+    """Every activation the onnxruntime-layout file quantizes is measured, also those only an Add, Concat or
+    Resize reads (which the per-layer sensitivity never quantizes), and its SQNR is what onnxruntime's own
+    QuantizeLinear -> DequantizeLinear of that tensor gives."""
+    fp32, int8 = onnx.load(str(small_export.onnx_path)), onnx.load(str(thumbdet_int8_ort.output))
+    rng = np.random.default_rng(0)
+    inputs = [rng.uniform(0, 255, (1, 3, 256, 384)).astype(np.float32) for _ in range(2)]
+    rows = activation_sqnr(fp32, int8, inputs)
+    written = {t for n in fp32.graph.node for t in n.output}
+    quantized = {n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in written}
+    assert {r.tensor for r in rows} == quantized and len(rows) == len(quantized) > 20
+    values = [r.sqnr_db for r in rows]
+    assert values == sorted(values) and values[0] < values[-1]
+    op_type = {n.name: n.op_type for n in fp32.graph.node}
+    layers = {"Conv", "MatMul", "Gemm"}
+    assert any(not layers & {op_type[n] for n in r.nodes[1:]} for r in rows)  # read by no layer at all
+    for row in (rows[0], rows[len(rows) // 2], rows[-1]):
+        assert row.sqnr_db == pytest.approx(_sqnr_through_onnxruntime(fp32, int8, row.tensor, inputs), abs=0.01)
+        assert row.nodes[0] in {n.name for n in fp32.graph.node if row.tensor in n.output}
+
+
+def test_report_suggests_an_exclude_that_keeps_the_tensors_float(small_export: ExportResult, tmp_path: Path) -> None:
+    """quantize --report prints the SQNR table and an --exclude for the tensors 8 dB below the median; run again
+    with it, as a user would paste it, none of those tensors is quantized and the others still are."""
+    src = copy_export(small_export, tmp_path)
+    args = (str(src), "--precision", "int8", "--target", "onnxruntime", "--calib-size", "2")
+    proc = run(*args, "--report", "--report-limit", "1", "--output", str(tmp_path / "a.onnx"),
+               "--json", str(tmp_path / "a.json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "INT8 activations: signal kept by each tensor's own Q/DQ" in proc.stdout
+    report = json.loads((tmp_path / "a.json").read_text())["sensitivity"]
+    low = {row.tensor for row in low_sqnr([TensorSqnr(**row) for row in report["tensors"]])}
+    assert low and f"--exclude '{report['suggested_tensor_exclude']}'" in proc.stdout  # one line, whole
+    proc = run(*args, "--exclude", report["suggested_tensor_exclude"], "--output", str(tmp_path / "b.onnx"))
+    assert proc.returncode == 0, proc.stderr
+
+    def quantized(path: Path) -> set[str]:
+        return {n.input[0] for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear"}
+
+    before, after = quantized(tmp_path / "a.onnx"), quantized(tmp_path / "b.onnx")
+    assert low <= before and not low & after
+    assert len(after) > len(before) // 2  # the rest of the file stays INT8
 
 
 def test_report_needs_int8(small_onnx: Path) -> None:

@@ -666,7 +666,15 @@ def quantize_cmd(
     onnxruntime's CPU kernels stay in integers. Writes <stem>.<precision>.onnx and its .json together.
     """
     from tod_deploy.quant.pipeline import quantize_model
-    from tod_deploy.quant.report import comparison_table, sensitivity_table, suggestion_line, summary_line, to_json
+    from tod_deploy.quant.report import (
+        comparison_table,
+        sensitivity_table,
+        sqnr_suggestion_line,
+        sqnr_table,
+        suggestion_line,
+        summary_line,
+        to_json,
+    )
 
     result = quantize_model(
         model, precision, calib, calib_size, method, tuple(exclude or ()), seed, output, report, report_limit, log=log,
@@ -675,7 +683,9 @@ def quantize_cmd(
     out.print(comparison_table(result))
     if result.sensitivity is not None:
         out.print(sensitivity_table(result.sensitivity))
-        out.print(suggestion_line(result.sensitivity))
+        out.print(suggestion_line(result.sensitivity), soft_wrap=True)  # one line, to paste whole
+        out.print(sqnr_table(result.sensitivity))
+        out.print(sqnr_suggestion_line(result.sensitivity), soft_wrap=True)
     out.print(summary_line(result))
     write_json(json_path, to_json(result))
 

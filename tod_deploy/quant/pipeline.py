@@ -277,9 +277,12 @@ def quantize_model(
         info["quantization"]["qdq"] = summary.to_dict()
     sensitivity = None
     if report:
+        from tod_deploy.quant.activation_sqnr import activation_sqnr
+
         sensitivity = _sensitivity(model, ranges, roles, regex_nodes, batches, report_limit, show_progress)
+        sensitivity.tensors = activation_sqnr(model, quantized, batches[:2])
         info["quantization"]["sensitivity"] = {
-            k: v for k, v in sensitivity.to_dict().items() if k != "rows"
+            k: v for k, v in sensitivity.to_dict().items() if k not in ("rows", "tensors")
         }  # rows go to --json
     side = sidecar_path(out_path)
     with staged(out_path, side) as (tmp_onnx, tmp_json):

@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
+from tod_deploy.quant.activation_sqnr import MARGIN_DB
+
 
 def comparison_table(result: Any) -> Table:
     """FP32 vs quantized, per compared tensor, threshold and for the detections (a report: nothing fails here)."""
@@ -60,6 +62,35 @@ def suggestion_line(report: Any) -> str:
     if not picks:
         return "no layer stands out (none above 2x the median output error): no --exclude suggested"
     return "suggested: " + " ".join(f"--exclude '{p}'" for p in picks)
+
+
+def sqnr_table(report: Any, top: int = 10) -> Table:
+    """The written file's activations whose 8-bit round trip keeps the least signal (quant.activation_sqnr)."""
+    from tod_deploy.quant.activation_sqnr import low_sqnr
+
+    low = {r.tensor for r in low_sqnr(report.tensors)}
+    title = (
+        f"INT8 activations: signal kept by each tensor's own Q/DQ in the FP32 model, {len(report.tensors)} tensors, "
+        f"{report.inputs} calibration images (lowest first; * = {MARGIN_DB:g} dB below the median)"
+    )
+    table = Table(title=title)
+    for column in ("#", "tensor", "SQNR dB", "saturated", "nodes that keep it float"):
+        table.add_column(column, justify="left" if column in ("tensor", "nodes that keep it float") else "right")
+    for i, row in enumerate(report.tensors[:top], 1):
+        mark = "*" if row.tensor in low else ""
+        table.add_row(str(i), f"{row.tensor}{mark}", f"{row.sqnr_db:.1f}", f"{100 * row.saturated:.2f}%",
+                      ", ".join(row.nodes))  # fmt: skip
+    return table
+
+
+def sqnr_suggestion_line(report: Any) -> str:
+    from tod_deploy.quant.activation_sqnr import exclude_pattern, low_sqnr
+
+    low = low_sqnr(report.tensors)
+    pattern = exclude_pattern(low)
+    if pattern is None:
+        return f"no activation is {MARGIN_DB:g} dB below the median SQNR: no tensor to keep float"
+    return f"to keep the {len(low)} marked tensors float (slower: their readers run float too): --exclude '{pattern}'"
 
 
 def to_json(result: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import onnx
 
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.export.passes import expose_tensors
+from tod_deploy.quant.activation_sqnr import TensorSqnr, exclude_pattern, low_sqnr
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -46,6 +47,7 @@ class SensitivityReport:
     rows: list[LayerSensitivity] = field(default_factory=list)  # worst first
     measured: int = 0
     layers: int = 0
+    tensors: list[TensorSqnr] = field(default_factory=list)  # the written file's activations, lowest SQNR first
 
     def suggested_excludes(self, top: int = 5) -> list[str]:
         """Regexes for the layers whose output error stands out: > 2x the median and > 1e-3, worst first."""
@@ -63,7 +65,9 @@ class SensitivityReport:
             "layers": self.layers,
             "measured": self.measured,
             "suggested_excludes": self.suggested_excludes(),
+            "suggested_tensor_exclude": exclude_pattern(low_sqnr(self.tensors)),
             "rows": [r.to_dict() for r in self.rows],
+            "tensors": [r.to_dict() for r in self.tensors],
         }
 
 
