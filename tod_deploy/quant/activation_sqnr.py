@@ -107,7 +107,7 @@ def activation_sqnr(fp32: onnx.ModelProto, quantized: onnx.ModelProto, inputs: l
             quantizers[name].scale,
             quantizers[name].zero_point,
             [writers[name], *dict.fromkeys(readers.get(name, []))],
-        )  # fmt: skip
+        )
         for name in names
     ]
     rows.sort(key=lambda r: (r.sqnr_db, r.tensor))

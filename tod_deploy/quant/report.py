@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from tod_deploy.quant.activation_sqnr import MARGIN_DB
+from tod_deploy.quant.activation_sqnr import MARGIN_DB, exclude_pattern, low_sqnr
 
 
 def comparison_table(result: Any) -> Table:
@@ -66,8 +66,6 @@ def suggestion_line(report: Any) -> str:
 
 def sqnr_table(report: Any, top: int = 10) -> Table:
     """The written file's activations whose 8-bit round trip keeps the least signal (quant.activation_sqnr)."""
-    from tod_deploy.quant.activation_sqnr import low_sqnr
-
     low = {r.tensor for r in low_sqnr(report.tensors)}
     title = (
         f"INT8 activations: signal kept by each tensor's own Q/DQ in the FP32 model, {len(report.tensors)} tensors, "
@@ -84,8 +82,7 @@ def sqnr_table(report: Any, top: int = 10) -> Table:
 
 
 def sqnr_suggestion_line(report: Any) -> str:
-    from tod_deploy.quant.activation_sqnr import exclude_pattern, low_sqnr
-
+    """One ``--exclude`` for the marked tensors, or why there is none."""
     low = low_sqnr(report.tensors)
     pattern = exclude_pattern(low)
     if pattern is None:
