@@ -4,11 +4,11 @@ ratio against FP32 in onnxruntime, the fidelity to FP32 and the AP50 on held-out
 For each model (benchmarks/train_synthetic.py's names and settings): export FP32, from
 ``--checkpoints DIR/<model>.pth`` when there (seeded random weights otherwise: then AP50 means
 nothing and fidelity mostly measures near-tied random scores), then ``quantize --precision fp16`` and
-``--precision int8`` for both ``--target`` layouts (tensorrt, onnxruntime), calibrated on ``--calib-size``
-images the training set's generator makes at ``--size`` (train_synthetic's training seed): the data the
-model learnt from, at the size it is deployed at, as a user calibrates. (Its 128x128 training images,
-letterboxed up to 512x512, show objects 4x larger than the model will see, and calibrate the wrong
-ranges.) Then, as a user runs them:
+``--precision int8`` for both ``--target`` layouts (tensorrt, onnxruntime; onnxruntime's also with
+``--weight-bits 8``), calibrated on ``--calib-size`` images the training set's generator makes at
+``--size`` (train_synthetic's training seed): the data the model learnt from, at the size it is deployed
+at, as a user calibrates. (Its 128x128 training images, letterboxed up to 512x512, show objects 4x larger
+than the model will see, and calibrate the wrong ranges.) Then, as a user runs them:
 
 - ``eval`` over a held-out synthetic set (``--data``; default: made at ``--size`` with train_synthetic's
   held-out seed, so the images are new to the model) with every file as a row and ``--fidelity``:
@@ -55,9 +55,10 @@ from tod_deploy.parity.comparator import verification_images
 from tod_deploy.quant.pipeline import quantize_model
 from tod_deploy.recipes import parse_input_size
 
-# (row label as eval names a compared file, precision, INT8 layout)
-VARIANTS = (("fp16", "fp16", None), ("int8 (tensorrt layout)", "int8", "tensorrt"),
-            ("int8 (onnxruntime layout)", "int8", "onnxruntime"))  # fmt: skip
+# (row label as eval names a compared file, precision, INT8 layout, INT8 weight bits)
+VARIANTS = (("fp16", "fp16", None, None), ("int8 (tensorrt layout)", "int8", "tensorrt", None),
+            ("int8 (onnxruntime layout)", "int8", "onnxruntime", None),
+            ("int8 (onnxruntime layout, 8-bit weights)", "int8", "onnxruntime", 8))  # fmt: skip
 
 
 def log(line: str) -> None:
@@ -76,12 +77,14 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
     export = export_model(method, out / name, checkpoint, overrides=overrides, verify=False, name=name, log=log)
     fp32 = export.onnx_path
     files: dict[str, Path] = {}
-    for label, precision, target in VARIANTS:
+    for label, precision, target, weight_bits in VARIANTS:
         log(f"{name}: quantize {label} ...")
-        path = fp32.with_name(f"{name}.{precision}{'-' + target if target else ''}.onnx")
+        suffix = f"{'-' + target if target else ''}{f'-w{weight_bits}' if weight_bits else ''}"
+        path = fp32.with_name(f"{name}.{precision}{suffix}.onnx")
         result = quantize_model(
             fp32, precision, calib=calib, calib_size=args.calib_size, target=target or "tensorrt", output=path,
             log=log, show_progress=False, max_sign_flips=args.max_sign_flips, method=args.method,
+            weight_bits=weight_bits,
         )  # fmt: skip
         files[label] = result.output
         checks = (result.sidecar["quantization"].get("sign_check") or {}).get("layers", {})

@@ -366,7 +366,9 @@ def test_eval_nan_model_output_is_one_line(small_onnx: Path, tiny_set: Path, tmp
     assert_one_line_error(proc, "NaN/Inf scores", "onnxruntime")
 
 
-def _variant(source: Path, folder: Path, precision: str, box_shift: float | None, layout: str | None = None) -> Path:
+def _variant(
+    source: Path, folder: Path, precision: str, box_shift: float | None, layout: str | None = None, weights: str = ""
+) -> Path:
     """A copy of an export whose sidecar names a precision (and INT8 layout), optionally with the last box
     layer's bias shifted (random-weight DETR boxes hardly depend on the image, so its input would not do)."""
     model = onnx.load(str(source))
@@ -376,7 +378,7 @@ def _variant(source: Path, folder: Path, precision: str, box_shift: float | None
     folder.mkdir()
     path = folder / f"model.{precision}.onnx"
     onnx.save(model, str(path))
-    quantization = {"precision": precision, "layout": {"target": layout} if layout else None}
+    quantization = {"precision": precision, "layout": {"target": layout, "weights": weights} if layout else None}
     sidecar = json.loads(source.with_suffix(".json").read_text()) | {"quantization": quantization}
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     return path
@@ -413,11 +415,15 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
 
 
 def test_compare_rows_name_the_int8_layout(small_onnx: Path, tmp_path: Path) -> None:
-    """Both INT8 layouts of one model are rows of one eval, named by layout (both were 'int8' before)."""
-    files = [_variant(small_onnx, tmp_path / target, "int8", None, target) for target in ("tensorrt", "onnxruntime")]
+    """Both INT8 layouts of one model are rows of one eval, named by layout (both were 'int8' before), and
+    onnxruntime's layout with 8-bit weights is a row of its own."""
+    files = [_variant(small_onnx, tmp_path / target, "int8", None, target, f"int{bits} symmetric per channel")
+             for target, bits in (("tensorrt", 8), ("onnxruntime", 7))]  # fmt: skip
+    files.append(_variant(small_onnx, tmp_path / "w8", "int8", None, "onnxruntime", "int8 symmetric per channel"))
     size = tuple(json.loads(small_onnx.with_suffix(".json").read_text())["recipe"]["input_size"])
-    names = list(compare_runners(files, size))
-    assert names == ["onnxruntime int8 (tensorrt layout)", "onnxruntime int8 (onnxruntime layout)"]
+    names = list(compare_runners(files, size, log=lambda _l: None))
+    assert names == ["onnxruntime int8 (tensorrt layout)", "onnxruntime int8 (onnxruntime layout)",
+                     "onnxruntime int8 (onnxruntime layout, 8-bit weights)"]  # fmt: skip
     with pytest.raises(UserError, match="both 'int8 \\(tensorrt layout\\)'"):
         compare_runners([files[0], files[0]], size)
 

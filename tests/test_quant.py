@@ -18,13 +18,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from tod_deploy.backends import ExportSource, RunnerOptions
 from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
+from tod_deploy.environment import cpu_flags
 from tod_deploy.errors import UserError
 from tod_deploy.export.passes import expose_tensors
 from tod_deploy.export.pipeline import ExportResult
 from tod_deploy.quant.activation_sqnr import TensorSqnr, activation_sqnr, low_sqnr
 from tod_deploy.quant.graph import float_tensor_types, graph_roles
-from tod_deploy.quant.int8 import qdq_summary
+from tod_deploy.quant.int8 import EXACT_SUM_FLAGS, qdq_summary
 from tod_deploy.quant.pipeline import QuantizeResult, quantize_model
 
 PHOTOS = Path(__file__).resolve().parents[1] / "calibration" / "photos"
@@ -251,6 +253,103 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
 
     report = check_model(thumbdet_int8_ort.output, "tensorrt")
     assert not report.ok and "--target tensorrt" in json.dumps(report.to_dict())
+
+
+def dequantized_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Each INT8 weight as its DequantizeLinear reads it, by the FP32 initializer's name."""
+    values = initializer_values(model)
+    weights = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and values.get(node.input[0], np.empty(0)).dtype == np.int8:
+            q, scale = values[node.input[0]].astype(np.float64), values[node.input[1]].astype(np.float64)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            weights[node.input[0].removesuffix("_quantized")] = q * scale.reshape(shape if scale.ndim else [])
+    return weights
+
+
+def test_int8_onnxruntime_layout_with_8_bit_weights(
+    thumbdet_int8_ort: QuantizeResult, small_export: ExportResult, tmp_path: Path
+) -> None:
+    """quantize --weight-bits 8: full-range weights, half the 7-bit rounding error against the FP32 weights, and
+    on a CPU that sums u8 x s8 products without a 16-bit step (VNNI or AMX), integer kernels that compute what
+    the file says."""
+    src = copy_export(small_export, tmp_path)
+    proc = run(str(src), "--precision", "int8", "--target", "onnxruntime", "--calib-size", "2", "--method", "max",
+               "--weight-bits", "8", "--output", str(tmp_path / "w8.onnx"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    layout = json.loads((tmp_path / "w8.json").read_text())["quantization"]["layout"]
+    assert layout["weights"] == "int8 symmetric per channel"
+    assert layout["exact_integer_sums"] == "x86 CPUs with VNNI or AMX"
+    model = onnx.load(str(tmp_path / "w8.onnx"))
+    fp32 = initializer_values(onnx.load(str(src)))
+    eight, seven = dequantized_weights(model), dequantized_weights(onnx.load(str(thumbdet_int8_ort.output)))
+    assert set(eight) == set(seven) and set(eight) <= set(fp32)
+    assert max(int(np.abs(w).max()) for w in initializer_values(model).values() if w.dtype == np.int8) == 127
+
+    def rms_error(weights: dict[str, np.ndarray], name: str) -> float:
+        return float(np.sqrt(np.mean((weights[name] - fp32[name]) ** 2)))
+
+    ratios = [rms_error(eight, name) / rms_error(seven, name) for name in eight if rms_error(seven, name) > 0]
+    assert 0.4 < float(np.median(ratios)) < 0.6, np.median(ratios)  # a step half as wide
+    flags = cpu_flags()
+    if flags and not set(EXACT_SUM_FLAGS) & flags:
+        pytest.skip(f"this x86 CPU has none of {EXACT_SUM_FLAGS}: its integer sums saturate with 8-bit weights")
+    images = np.full((1, 3, *thumbdet_int8_ort.sidecar["recipe"]["input_size"]), 100.0, dtype=np.float32)
+    images[..., ::7, :] = 200.0
+    exported = onnx.load(str(src))
+    integer = OnnxRuntimeRunner(expose_tensors(model, ["pred_logits"])).run(images)["pred_logits"]
+    as_read = OnnxRuntimeRunner(expose_tensors(model, ["pred_logits"]), optimize=False).run(images)["pred_logits"]
+    reference = OnnxRuntimeRunner(expose_tensors(exported, ["pred_logits"])).run(images)["pred_logits"]
+    integer_error, read_error = float(np.abs(integer - reference).max()), float(np.abs(as_read - reference).max())
+    assert 0 < integer_error < 1.5 * read_error, (integer_error, read_error)
+
+
+HASWELL_FLAGS = frozenset("fpu sse2 ssse3 sse4_2 popcnt avx fma avx2 bmi2".split())  # x86, no VNNI, no AMX
+
+
+@pytest.mark.parametrize(
+    ("weights", "target", "flags", "warns"),
+    [
+        ("int8 symmetric per channel", "onnxruntime", HASWELL_FLAGS, True),
+        ("int8 symmetric per channel", "onnxruntime", HASWELL_FLAGS | {"avx512f", "avx512_vnni"}, False),
+        ("int8 symmetric per channel", "onnxruntime", HASWELL_FLAGS | {"avx_vnni"}, False),
+        ("int8 symmetric per channel", "onnxruntime", HASWELL_FLAGS | {"amx_tile", "amx_int8"}, False),
+        ("int8 symmetric per channel", "onnxruntime", frozenset(), False),  # not x86: no flags line
+        ("int7 symmetric per channel", "onnxruntime", HASWELL_FLAGS, False),
+        ("int8 symmetric per channel", "tensorrt", HASWELL_FLAGS, False),  # run as the file reads, not in integers
+    ],
+)
+def test_8_bit_weights_warn_where_integer_sums_saturate(
+    small_onnx: Path, monkeypatch: pytest.MonkeyPatch, weights: str, target: str, flags: frozenset[str], warns: bool
+) -> None:
+    """Opening an onnxruntime-layout file with 8-bit weights on an x86 CPU without VNNI or AMX logs one warning
+    that names the fix. The CPU's flags are a stand-in here (the machines here all have VNNI)."""
+    from tod_deploy import environment
+    from tod_deploy.backends.onnxruntime_runner import open_runner
+
+    monkeypatch.setattr(environment, "cpu_flags", lambda: flags)
+    sidecar = json.loads(small_onnx.with_suffix(".json").read_text())
+    sidecar["quantization"] = {"precision": "int8", "layout": {"target": target, "weights": weights}}
+    lines: list[str] = []
+    runner = open_runner(ExportSource(small_onnx, sidecar), RunnerOptions(log=lines.append))
+    assert runner.session is not None
+    assert len(lines) == int(warns)
+    assert not warns or ("no VNNI or AMX" in lines[0] and "--weight-bits 7" in lines[0])
+
+
+@pytest.mark.parametrize(
+    ("precision", "target", "bits", "message"),
+    [
+        ("int8", "tensorrt", 7, "--target tensorrt takes 8-bit weights only"),
+        ("int8", "onnxruntime", 9, "--weight-bits 9 is not supported"),
+        ("fp16", "onnxruntime", 8, "--weight-bits sets INT8 weights"),
+    ],
+)
+def test_weight_bits_errors(small_onnx: Path, precision: str, target: str, bits: int, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        quantize(small_onnx, precision, target=target, weight_bits=bits)
 
 
 def conv_activation_model(activation: str, channels: int = 8, size: int = 16) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from tod_deploy.environment import cpu_model, installed_version
+from tod_deploy.environment import cpu_model, installed_version, parse_cpuinfo
 from tod_deploy.errors import UserError, first_line
 from tod_deploy.ops import binary_conv_cpu
 from tod_deploy.trt import kernels
@@ -111,18 +111,6 @@ class DoctorReport:
 
 
 # --- probes (each fast, none raises) -------------------------------------------------------------
-
-
-def parse_cpuinfo(text: str) -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo ("vendor_id", "model name", "flags", ...)."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip() and fields:
-            break
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())
-    return fields
 
 
 def probe_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuReport:

@@ -33,6 +33,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("vendor_id", "model name", "flags", ...)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip() and fields:
+            break
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them on x86 ("avx2", "avx512_vnni", ...); empty elsewhere."""
+    try:
+        with open(cpuinfo) as fh:
+            return frozenset(parse_cpuinfo(fh.read()).get("flags", "").split())
+    except OSError:
+        return frozenset()
+
+
 def environment() -> dict[str, object]:
     return {
         "cpu": cpu_model(),

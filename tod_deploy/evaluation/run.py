@@ -150,10 +150,11 @@ def load_model(
     return LoadedModel(name, recipe.method, (int(size[0]), int(size[1])), num_classes, runners, list(recipe.classes))
 
 
-def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str, Any]:
+def compare_runners(paths: list[Path], input_size: tuple[int, int], log: Log = print) -> dict[str, Any]:
     """onnxruntime rows for other exports of the model (e.g. FP16 / INT8), named by their precision."""
     from tod_deploy.artifacts import Sidecar
-    from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
+    from tod_deploy.backends import ExportSource, RunnerOptions
+    from tod_deploy.backends.onnxruntime_runner import load_onnx, open_runner
 
     runners: dict[str, Any] = {}
     for path in paths:
@@ -167,12 +168,15 @@ def compare_runners(paths: list[Path], input_size: tuple[int, int]) -> dict[str,
         sidecar = Sidecar.load(path)
         quantization = sidecar.get("quantization") or {}
         label = str(quantization.get("precision") or sidecar.get("precision") or path.stem)
-        if layout := (quantization.get("layout") or {}).get("target"):
-            label = f"{label} ({layout} layout)"  # both INT8 layouts of one model can be compared side by side
+        layout = quantization.get("layout") or {}
+        if target := layout.get("target"):  # both INT8 layouts of one model can be compared side by side
+            weights = str(layout.get("weights", ""))  # and onnxruntime's with 7- and 8-bit weights
+            eight_bit = target == "onnxruntime" and weights.startswith("int8")
+            label = f"{label} ({target} layout{', 8-bit weights' if eight_bit else ''})"
         name = f"onnxruntime {label}"
         if name in runners:
             raise UserError(f"two compared models are both {label!r}", "compare each precision once")
-        runners[name] = OnnxRuntimeRunner(onnx_model)
+        runners[name] = open_runner(ExportSource(path, dict(sidecar), _model=onnx_model), RunnerOptions(log=log))
     return runners
 
 
@@ -228,7 +232,7 @@ def evaluate_model(
     if compare:
         if model_path is None:
             raise UserError("--compare needs a model file to compare with", "pass the FP32 .onnx as the model")
-        loaded.runners |= compare_runners(compare, loaded.input_size)
+        loaded.runners |= compare_runners(compare, loaded.input_size, log)
     to_category = category_lookup(loaded.num_classes, coco.categories, class_agnostic, loaded.class_names)
     report = EvalReport(
         loaded.name, loaded.method, loaded.input_size, str(data), str(images_dir), len(coco.images),

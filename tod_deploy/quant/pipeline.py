@@ -142,15 +142,19 @@ def quantize_model(
     show_progress: bool = True,
     target: str = "tensorrt",
     max_sign_flips: float = MAX_SIGN_FLIPS,
+    weight_bits: int | None = None,
 ) -> QuantizeResult:
     """``target``: the runtime the INT8 file is laid out for (``quant.int8.INT8_LAYOUTS``); FP16 is one file.
     ``max_sign_flips``: INT8 only; a real layer in front of 1-bit layers runs in INT8 when its rounding
     flips at most this share of their input signs (quant.binary_inputs); 0 keeps them all FP32.
-    ``method``: INT8 calibration (None: the layout's own, ``Int8Layout.calibration``)."""
+    ``method``: INT8 calibration (None: the layout's own, ``Int8Layout.calibration``).
+    ``weight_bits``: INT8 weights' bits (None: the layout's own; 8 with ``target`` onnxruntime: see quant.int8)."""
     from tod_deploy.quant.int8 import int8_layout
 
     model_path = Path(model_path)
-    layout = int8_layout(target)
+    if weight_bits is not None and precision != "int8":
+        raise UserError("--weight-bits sets INT8 weights", "use it with --precision int8")
+    layout = int8_layout(target, weight_bits)
     method = method or layout.calibration
     _validate(model_path, precision, method, calib_size, max_sign_flips)
     if report and precision != "int8":
