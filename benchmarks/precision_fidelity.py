@@ -162,13 +162,13 @@ def main() -> None:
           f"checkpoints {args.checkpoints or 'none (seeded random weights)'}")  # fmt: skip
     summary = []
     heading = ("model", "precision", "median ms", "FPS ratio", "fidelity", "found", "AP50", "AP")
-    print("{:9s} {:26s} {:>9s} {:>9s} {:>8s} {:>6s} {:>6s} {:>6s}".format(*heading))
+    print("{:9s} {:40s} {:>9s} {:>9s} {:>8s} {:>6s} {:>6s} {:>6s}".format(*heading))
     for name in args.models.split(","):
         result = measure(name, args, data, calib, out)
         summary.append(result)
         for r in result["rows"]:
             scores = (percent(r["fidelity_ap50"]), percent(r["fidelity_found"]), percent(r["ap50"]), percent(r["ap"]))
-            print(f"{name:9s} {r['precision']:26s} {r['median_ms']:9.1f} {r['fps_ratio']:8.2f}x "
+            print(f"{name:9s} {r['precision']:40s} {r['median_ms']:9.1f} {r['fps_ratio']:8.2f}x "
                   "{:>8s} {:>6s} {:>6s} {:>6s}".format(*scores), flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
