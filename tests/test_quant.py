@@ -318,13 +318,14 @@ HASWELL_FLAGS = frozenset("fpu sse2 ssse3 sse4_2 popcnt avx fma avx2 bmi2".split
         ("int8 symmetric per channel", "onnxruntime", HASWELL_FLAGS | {"amx_tile", "amx_int8"}, False),
         ("int8 symmetric per channel", "onnxruntime", frozenset(), False),  # not x86: no flags line
         ("int7 symmetric per channel", "onnxruntime", HASWELL_FLAGS, False),
-        ("int8 symmetric per channel", "tensorrt", HASWELL_FLAGS, False),  # run as the file reads, not in integers
+        ("int8 symmetric per channel", "tensorrt", HASWELL_FLAGS, True),  # onnxruntime fuses its Q/DQ groups too
     ],
 )
 def test_8_bit_weights_warn_where_integer_sums_saturate(
     small_onnx: Path, monkeypatch: pytest.MonkeyPatch, weights: str, target: str, flags: frozenset[str], warns: bool
 ) -> None:
-    """Opening an onnxruntime-layout file with 8-bit weights on an x86 CPU without VNNI or AMX logs one warning
+    """Opening an INT8 file with 8-bit weights (the onnxruntime layout's --weight-bits 8, or the TensorRT layout,
+    whose groups onnxruntime fuses into the same kernels) on an x86 CPU without VNNI or AMX logs one warning
     that names the fix. The CPU's flags are a stand-in here (the machines here all have VNNI)."""
     from tod_deploy import environment
     from tod_deploy.backends.onnxruntime_runner import open_runner

@@ -25,7 +25,8 @@ from __future__ import annotations
 import inspect
 import logging
 import tempfile
-from collections.abc import Container
+from collections.abc import Container, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,8 @@ class Int8Layout:
 
     @property
     def exact_integer_sums(self) -> str:
-        """Where onnxruntime's integer kernels compute what the file says (see the module docstring)."""
-        if self.target != "onnxruntime":
-            return "not run on onnxruntime's integer kernels"
+        """Where onnxruntime's integer kernels compute what the file says (see the module docstring). It fuses
+        the TensorRT layout's DQ -> Conv -> Q groups into them too, with that layout's 8-bit weights."""
         return "every x86 CPU" if self.reduce_range else "x86 CPUs with VNNI or AMX"
 
     @property
@@ -111,17 +111,18 @@ def int8_layout(target: str, weight_bits: int | None = None) -> Int8Layout:
     return replace(layout, reduce_range=weight_bits == 7)
 
 
-def integer_sum_warning(sidecar: dict[str, Any], cpu_flags: Container[str]) -> str | None:
-    """A warning when a file laid out for onnxruntime with 8-bit weights runs on an x86 CPU (``cpu_flags`` as
+def integer_sum_warning(sidecar: Mapping[str, Any], cpu_flags: AbstractSet[str]) -> str | None:
+    """A warning when an INT8 file with 8-bit weights (either layout) runs on an x86 CPU (``cpu_flags`` as
     /proc/cpuinfo lists them: x86 only, empty elsewhere) that has none of ``EXACT_SUM_FLAGS``: its sums saturate."""
     layout = ((sidecar.get("quantization") or {}).get("layout")) or {}
-    if layout.get("target") != "onnxruntime" or not layout.get("weights", "").startswith("int8"):
+    if not str(layout.get("weights", "")).startswith("int8"):
         return None
     if not cpu_flags or any(flag in cpu_flags for flag in EXACT_SUM_FLAGS):
         return None  # not x86 (no flags line), or a CPU that sums exactly
     return (
         "warning: this INT8 file has 8-bit weights and this CPU has no VNNI or AMX: onnxruntime's integer kernels "
-        "saturate 16-bit partial sums here, so results differ from the file's; quantize with --weight-bits 7 for it"
+        "saturate 16-bit partial sums here, so results differ from the file's; for this CPU, quantize with --target "
+        "onnxruntime --weight-bits 7"
     )
 
 
