@@ -94,7 +94,7 @@ def open_runner(source: ExportSource, options: RunnerOptions) -> OnnxRuntimeRunn
     from tod_deploy.environment import cpu_flags
     from tod_deploy.quant.int8 import integer_sum_warning
 
-    warning = integer_sum_warning(source.sidecar, cpu_flags())
+    warning = integer_sum_warning(source.sidecar, cpu_flags)
     if warning:
         options.log(warning)
     return OnnxRuntimeRunner(source.onnx_model(), options.threads, spinning=options.spinning)

@@ -155,6 +155,7 @@ def compare_runners(paths: list[Path], input_size: tuple[int, int], log: Log = p
     from tod_deploy.artifacts import Sidecar
     from tod_deploy.backends import ExportSource, RunnerOptions
     from tod_deploy.backends.onnxruntime_runner import load_onnx, open_runner
+    from tod_deploy.quant.int8 import sidecar_weight_bits
 
     runners: dict[str, Any] = {}
     for path in paths:
@@ -168,10 +169,8 @@ def compare_runners(paths: list[Path], input_size: tuple[int, int], log: Log = p
         sidecar = Sidecar.load(path)
         quantization = sidecar.get("quantization") or {}
         label = str(quantization.get("precision") or sidecar.get("precision") or path.stem)
-        layout = quantization.get("layout") or {}
-        if target := layout.get("target"):  # both INT8 layouts of one model can be compared side by side
-            weights = str(layout.get("weights", ""))  # and onnxruntime's with 7- and 8-bit weights
-            eight_bit = target == "onnxruntime" and weights.startswith("int8")
+        if target := (quantization.get("layout") or {}).get("target"):  # both INT8 layouts side by side,
+            eight_bit = target == "onnxruntime" and sidecar_weight_bits(sidecar) == 8  # and 7- and 8-bit weights
             label = f"{label} ({target} layout{', 8-bit weights' if eight_bit else ''})"
         name = f"onnxruntime {label}"
         if name in runners:

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import tempfile
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -111,13 +112,21 @@ def int8_layout(target: str, weight_bits: int | None = None) -> Int8Layout:
     return replace(layout, reduce_range=weight_bits == 7)
 
 
-def integer_sum_warning(sidecar: Mapping[str, Any], cpu_flags: AbstractSet[str]) -> str | None:
-    """A warning when an INT8 file with 8-bit weights (either layout) runs on an x86 CPU (``cpu_flags`` as
-    /proc/cpuinfo lists them: x86 only, empty elsewhere) that has none of ``EXACT_SUM_FLAGS``: its sums saturate."""
-    layout = ((sidecar.get("quantization") or {}).get("layout")) or {}
-    if not str(layout.get("weights", "")).startswith("int8"):
+def sidecar_weight_bits(sidecar: Mapping[str, Any]) -> int | None:
+    """The bits of the INT8 weights a quantized file's sidecar records (``Int8Layout.to_dict``), None for none."""
+    weights = str(((sidecar.get("quantization") or {}).get("layout") or {}).get("weights", ""))
+    match = re.match(r"int(\d+) ", weights)
+    return int(match.group(1)) if match else None
+
+
+def integer_sum_warning(sidecar: Mapping[str, Any], cpu_flags: Callable[[], AbstractSet[str]]) -> str | None:
+    """A warning when an INT8 file with 8-bit weights (either layout) runs on an x86 CPU (``cpu_flags()`` as
+    /proc/cpuinfo lists them: x86 only, empty elsewhere) that has none of ``EXACT_SUM_FLAGS``: its sums saturate.
+    The flags are read only for such a file."""
+    if sidecar_weight_bits(sidecar) != 8:
         return None
-    if not cpu_flags or any(flag in cpu_flags for flag in EXACT_SUM_FLAGS):
+    flags = cpu_flags()
+    if not flags or any(flag in flags for flag in EXACT_SUM_FLAGS):
         return None  # not x86 (no flags line), or a CPU that sums exactly
     return (
         "warning: this INT8 file has 8-bit weights and this CPU has no VNNI or AMX: onnxruntime's integer kernels "
