@@ -424,8 +424,26 @@ def test_compare_rows_name_the_int8_layout(small_onnx: Path, tmp_path: Path) -> 
     names = list(compare_runners(files, size, log=lambda _l: None))
     assert names == ["onnxruntime int8 (tensorrt layout)", "onnxruntime int8 (onnxruntime layout)",
                      "onnxruntime int8 (onnxruntime layout, 8-bit weights)"]  # fmt: skip
-    with pytest.raises(UserError, match="both 'int8 \\(tensorrt layout\\)'"):
+    with pytest.raises(UserError, match="given twice"):
         compare_runners([files[0], files[0]], size)
+
+
+def test_compare_rows_of_one_precision_add_file_names(small_onnx: Path, tmp_path: Path) -> None:
+    """Two INT8 files of one layout (say quantized with different --exclude) are two rows, told apart by their
+    file names; rows of a precision given once keep the plain name, and two files of one name are an error."""
+    fp16 = _variant(small_onnx, tmp_path / "h", "fp16", None)
+    all_int8 = _variant(small_onnx, tmp_path / "a", "int8", None, "onnxruntime", "int7 symmetric per channel")
+    fpn_float = all_int8.with_name("model.int8-fpn-float.onnx")
+    for suffix in (".onnx", ".json"):
+        fpn_float.with_suffix(suffix).write_bytes(all_int8.with_suffix(suffix).read_bytes())
+    size = tuple(json.loads(small_onnx.with_suffix(".json").read_text())["recipe"]["input_size"])
+    names = list(compare_runners([fp16, all_int8, fpn_float], size, log=lambda _l: None))
+    assert names == ["onnxruntime fp16", f"onnxruntime int8 (onnxruntime layout) [{all_int8.name}]",
+                     "onnxruntime int8 (onnxruntime layout) [model.int8-fpn-float.onnx]"]  # fmt: skip
+    namesake = _variant(small_onnx, tmp_path / "b", "int8", None, "onnxruntime", "int7 symmetric per channel")
+    assert namesake.name == all_int8.name
+    with pytest.raises(UserError, match="rename one"):
+        compare_runners([all_int8, namesake], size)
 
 
 def test_eval_gate_exit_status(small_onnx: Path, tiny_set: Path, tmp_path: Path) -> None:

@@ -151,13 +151,15 @@ def load_model(
 
 
 def compare_runners(paths: list[Path], input_size: tuple[int, int], log: Log = print) -> dict[str, Any]:
-    """onnxruntime rows for other exports of the model (e.g. FP16 / INT8), named by their precision."""
+    """onnxruntime rows for other exports of the model (e.g. FP16 / INT8), named by their precision; files
+    of one precision (say INT8 files quantized with different ``--exclude``) add their file name."""
     from tod_deploy.artifacts import Sidecar
     from tod_deploy.backends import ExportSource, RunnerOptions
     from tod_deploy.backends.onnxruntime_runner import load_onnx, open_runner
-    from tod_deploy.quant.int8 import sidecar_weight_bits
 
-    runners: dict[str, Any] = {}
+    if len({path.resolve() for path in paths}) < len(paths):
+        raise UserError("a compared file is given twice", "pass each --compare file once")
+    sources: list[tuple[str, ExportSource]] = []
     for path in paths:
         onnx_model = load_onnx(path)
         size = _static_input_size(onnx_model, path)
@@ -167,16 +169,28 @@ def compare_runners(paths: list[Path], input_size: tuple[int, int], log: Log = p
                 "compare exports of the same model",
             )
         sidecar = Sidecar.load(path)
-        quantization = sidecar.get("quantization") or {}
-        label = str(quantization.get("precision") or sidecar.get("precision") or path.stem)
-        if target := (quantization.get("layout") or {}).get("target"):  # both INT8 layouts side by side,
-            eight_bit = target == "onnxruntime" and sidecar_weight_bits(sidecar) == 8  # and 7- and 8-bit weights
-            label = f"{label} ({target} layout{', 8-bit weights' if eight_bit else ''})"
-        name = f"onnxruntime {label}"
+        sources.append((precision_label(sidecar, path), ExportSource(path, dict(sidecar), _model=onnx_model)))
+    labels = Counter(label for label, _ in sources)
+    runners: dict[str, Any] = {}
+    for label, source in sources:
+        name = f"onnxruntime {label}" + (f" [{source.onnx_path.name}]" if labels[label] > 1 else "")
         if name in runners:
-            raise UserError(f"two compared models are both {label!r}", "compare each precision once")
-        runners[name] = open_runner(ExportSource(path, dict(sidecar), _model=onnx_model), RunnerOptions(log=log))
+            raise UserError(f"two compared files are both {source.onnx_path.name!r} of {label!r}",
+                            "rename one of them (quantize --output)")  # fmt: skip
+        runners[name] = open_runner(source, RunnerOptions(log=log))
     return runners
+
+
+def precision_label(sidecar: Any, path: Path) -> str:
+    """A compared file's precision as its row names it: both INT8 layouts, and 7- and 8-bit weights, apart."""
+    from tod_deploy.quant.int8 import sidecar_weight_bits
+
+    quantization = sidecar.get("quantization") or {}
+    label = str(quantization.get("precision") or sidecar.get("precision") or path.stem)
+    if target := (quantization.get("layout") or {}).get("target"):
+        eight_bit = target == "onnxruntime" and sidecar_weight_bits(sidecar) == 8
+        label = f"{label} ({target} layout{', 8-bit weights' if eight_bit else ''})"
+    return label
 
 
 def contract_to_detections(
