@@ -326,7 +326,8 @@ def test_8_bit_weights_warn_where_integer_sums_saturate(
 ) -> None:
     """Opening an INT8 file with 8-bit weights (the onnxruntime layout's --weight-bits 8, or the TensorRT layout,
     whose groups onnxruntime fuses into the same kernels) on an x86 CPU without VNNI or AMX logs one warning
-    that names the fix. The CPU's flags are a stand-in here (the machines here all have VNNI)."""
+    that names the fix. The CPU's flags are a stand-in, so every case runs on every machine (the Intel machines
+    here have VNNI and AMX; the AMD ones have VNNI where their hypervisor shows AVX-512, and none where not)."""
     from tod_deploy import environment
     from tod_deploy.backends.onnxruntime_runner import open_runner
 
@@ -338,6 +339,32 @@ def test_8_bit_weights_warn_where_integer_sums_saturate(
     assert runner.session is not None
     assert len(lines) == int(warns)
     assert not warns or ("no VNNI or AMX" in lines[0] and "--weight-bits 7" in lines[0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (HASWELL_FLAGS, "INT8 with 8-bit weights saturates here (no VNNI or AMX)"),
+        (HASWELL_FLAGS | {"avx512f", "avx512_vnni", "amx_int8"}, "INT8 with 8-bit weights is exact here (avx512_vnni)"),
+        (HASWELL_FLAGS | {"amx_tile", "amx_int8"}, "INT8 with 8-bit weights is exact here (amx_int8)"),
+        (frozenset(), None),  # not x86: nothing said
+    ],
+)
+def test_doctor_says_whether_8_bit_weights_are_exact(
+    monkeypatch: pytest.MonkeyPatch, flags: frozenset[str], says: str | None
+) -> None:
+    """doctor's onnxruntime row says, from the CPU's flags, whether this CPU sums 8-bit weights exactly, by the
+    same rule as the warning above (a stand-in for the flags, as there)."""
+    from tod_deploy import doctor
+
+    monkeypatch.setattr(doctor, "cpu_flags", lambda: flags)
+    details = doctor.probe_onnxruntime()[0].detail
+    assert details.startswith("providers: ")
+    if says is None:
+        assert "8-bit" not in details
+    else:
+        assert says in details
+        assert ("--weight-bits 7" in details) == ("saturates" in says)
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,10 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from tod_deploy.environment import cpu_model, installed_version, parse_cpuinfo
+from tod_deploy.environment import cpu_flags, cpu_model, installed_version, parse_cpuinfo
 from tod_deploy.errors import UserError, first_line
 from tod_deploy.ops import binary_conv_cpu
+from tod_deploy.quant.int8 import eight_bit_sums_here
 from tod_deploy.trt import kernels
 from tod_deploy.trt.cuda_driver import GpuProbe, probe_gpus
 
@@ -145,7 +146,8 @@ def probe_onnxruntime() -> tuple[Component, tuple[str, ...]]:
     except Exception as exc:
         problem = f"fails to import ({first_line(exc)})"
         return Component("onnxruntime", problem=problem, install="pip install --force-reinstall onnxruntime"), ()
-    return Component("onnxruntime", onnxruntime.__version__, "providers: " + ", ".join(providers)), providers
+    details = ["providers: " + ", ".join(providers), eight_bit_sums_here(cpu_flags())]
+    return Component("onnxruntime", onnxruntime.__version__, "; ".join(d for d in details if d)), providers
 
 
 def probe_onnxruntime_extensions() -> Component:

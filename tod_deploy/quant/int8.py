@@ -119,15 +119,29 @@ def sidecar_weight_bits(sidecar: Mapping[str, Any]) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def eight_bit_sums_saturate(flags: AbstractSet[str]) -> bool:
+    """Whether onnxruntime's integer kernels saturate sums of 8-bit weights on a CPU with these /proc/cpuinfo
+    flags: an x86 CPU (it has a flags line) with none of ``EXACT_SUM_FLAGS``."""
+    return bool(flags) and not any(flag in flags for flag in EXACT_SUM_FLAGS)
+
+
+def eight_bit_sums_here(flags: AbstractSet[str]) -> str:
+    """doctor's line on INT8 files with 8-bit weights on this CPU; empty where it is no x86 CPU."""
+    if not flags:
+        return ""
+    if eight_bit_sums_saturate(flags):
+        return "INT8 with 8-bit weights saturates here (no VNNI or AMX): keep quantize's default (--weight-bits 7)"
+    return f"INT8 with 8-bit weights is exact here ({next(f for f in EXACT_SUM_FLAGS if f in flags)})"
+
+
 def integer_sum_warning(sidecar: Mapping[str, Any], cpu_flags: Callable[[], AbstractSet[str]]) -> str | None:
     """A warning when an INT8 file with 8-bit weights (either layout) runs on an x86 CPU (``cpu_flags()`` as
     /proc/cpuinfo lists them: x86 only, empty elsewhere) that has none of ``EXACT_SUM_FLAGS``: its sums saturate.
     The flags are read only for such a file."""
     if sidecar_weight_bits(sidecar) != 8:
         return None
-    flags = cpu_flags()
-    if not flags or any(flag in flags for flag in EXACT_SUM_FLAGS):
-        return None  # not x86 (no flags line), or a CPU that sums exactly
+    if not eight_bit_sums_saturate(cpu_flags()):
+        return None
     return (
         "warning: this INT8 file has 8-bit weights and this CPU has no VNNI or AMX: onnxruntime's integer kernels "
         "saturate 16-bit partial sums here, so results differ from the file's; for this CPU, quantize with --target "
