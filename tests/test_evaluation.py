@@ -438,8 +438,8 @@ def test_compare_rows_of_one_precision_add_file_names(small_onnx: Path, tmp_path
         fpn_float.with_suffix(suffix).write_bytes(all_int8.with_suffix(suffix).read_bytes())
     size = tuple(json.loads(small_onnx.with_suffix(".json").read_text())["recipe"]["input_size"])
     names = list(compare_runners([fp16, all_int8, fpn_float], size, log=lambda _l: None))
-    assert names == ["onnxruntime fp16", f"onnxruntime int8 (onnxruntime layout) [{all_int8.name}]",
-                     "onnxruntime int8 (onnxruntime layout) [model.int8-fpn-float.onnx]"]  # fmt: skip
+    assert names == ["onnxruntime fp16", f"onnxruntime int8 (onnxruntime layout) {all_int8.name}",
+                     "onnxruntime int8 (onnxruntime layout) model.int8-fpn-float.onnx"]  # fmt: skip
     namesake = _variant(small_onnx, tmp_path / "b", "int8", None, "onnxruntime", "int7 symmetric per channel")
     assert namesake.name == all_int8.name
     with pytest.raises(UserError, match="rename one"):
@@ -474,3 +474,23 @@ def test_eval_gate_exit_status(small_onnx: Path, tiny_set: Path, tmp_path: Path)
     failed = json.loads((tmp_path / "bad.json").read_text())["gate"]["failed"]
     assert {(f["row"], f["floor"]) for f in failed} == {("onnxruntime perturbed", "ap50"),
                                                          ("onnxruntime perturbed", "fidelity")}  # fmt: skip
+
+
+def test_tables_print_row_names_whole() -> None:
+    """Row names reach the terminal as they are: rich reads "[...]" as markup and dropped it (a row named by
+    its file, such as ``model[fpn].int8.onnx``, lost the part that told two rows apart)."""
+    from rich.console import Console
+
+    from tod_deploy.evaluation.report import eval_table, fidelity_table
+    from tod_deploy.evaluation.run import EvalReport
+
+    metrics: dict[str, Any] = {m: 0.5 for m in ("AP", "AP50", "AP75", "APvt", "APt", "APs", "APm", "AR50")}
+    metrics["counts"] = {"detections": 3}
+    rows = ["onnxruntime", "onnxruntime int8 (onnxruntime layout) model[fpn].int8.onnx"]
+    report = EvalReport("m.onnx", "cfinet", (64, 64), "a.json", "images", 1, True, 100,
+                        results={r: metrics for r in rows}, fidelity={rows[1]: metrics},
+                        fidelity_reference=rows[0], fidelity_min_score=0.3)  # fmt: skip
+    console = Console(width=200, record=True)
+    for table in (eval_table(report), fidelity_table(report)):
+        console.print(table)
+    assert console.export_text().count("model[fpn].int8.onnx") == 2

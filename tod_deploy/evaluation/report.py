@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from tod_deploy.evaluation.coco_eval import TABLE_METRICS
@@ -44,7 +45,7 @@ def eval_table(report: EvalReport) -> Table:
     for backend, metrics in report.results.items():
         per_image = report.seconds.get(backend, 0.0) / max(1, report.num_images)
         table.add_row(
-            backend, *(_fmt(metrics[m]) for m in TABLE_METRICS), str(metrics["counts"]["detections"]),
+            escape(backend), *(_fmt(metrics[m]) for m in TABLE_METRICS), str(metrics["counts"]["detections"]),
             f"{per_image:.3f}",
         )  # fmt: skip
     return table
@@ -66,7 +67,7 @@ def fidelity_table(report: EvalReport) -> Table | None:
         table.add_column(metric, justify="right")
     table.add_column("found", justify="right")
     for row, metrics in report.fidelity.items():
-        table.add_row(row, *(_fmt(metrics[m]) for m in TABLE_METRICS), _fmt(metrics["AR50"]))
+        table.add_row(escape(row), *(_fmt(metrics[m]) for m in TABLE_METRICS), _fmt(metrics["AR50"]))
     return table
 
 

@@ -173,7 +173,7 @@ def compare_runners(paths: list[Path], input_size: tuple[int, int], log: Log = p
     labels = Counter(label for label, _ in sources)
     runners: dict[str, Any] = {}
     for label, source in sources:
-        name = f"onnxruntime {label}" + (f" [{source.onnx_path.name}]" if labels[label] > 1 else "")
+        name = f"onnxruntime {label}" + (f" {source.onnx_path.name}" if labels[label] > 1 else "")
         if name in runners:
             raise UserError(f"two compared files are both {source.onnx_path.name!r} of {label!r}",
                             "rename one of them (quantize --output)")  # fmt: skip
