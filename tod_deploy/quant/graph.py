@@ -3,7 +3,9 @@
 Both precision passes need the same map of the graph:
 
 * quantizable layers: ``Conv``, ``MatMul``, ``Gemm`` of the default domain (what INT8 Q/DQ wraps);
-* the stem: the first of them (it sees raw pixels, where one quantization step is widest);
+* the stem: the first of them (it sees raw pixels, where one quantization step is widest; measured on
+  trained CFINet, onnxruntime layout, 512x512, AMD EPYC AVX2: its stem in INT8 ran the file 2% faster,
+  733.7 -> 718.6 ms, and cost 1.8 points of fidelity, 78.6 -> 76.8 on 32 held-out images);
 * the last layer of each head: a layer from whose output some path reaches a graph output or a
   named raw/parity tensor without passing through another layer (class and box predictors, the
   RPN's maps, SR-TOD's reconstruction output);

@@ -18,6 +18,12 @@ Two layouts (``--target``):
   that for accuracy on the CPUs that sum exactly (VNNI or AMX): SR-TOD's fidelity to FP32 rose from 92.1
   to 93.9 (128 held-out images, Xeon), at the same speed. onnxruntime has no integer ConvTranspose, so
   transposed convs are first rewritten as sub-pixel convs (:mod:`tod_deploy.quant.subpixel`).
+
+``DeformConv`` (CFINet's RPN) stays float in both layouts: onnxruntime has no integer kernel for it. Rewriting
+it as a depthwise DeformConv that only gathers the taps (float) and a 1x1 Conv over the 9x wider result
+(QLinearConv) gave nothing: on trained CFINet at 512x512 (AMD EPYC, AVX2, 2 threads) the four DeformConvs
+fell from 232 to 111 ms, but the 1x1 QLinearConvs over 2304 channels (+83 ms) and the transposes of those
+columns to NHWC (+23 ms) took it back (716 -> 721 ms for the whole file), so no rewrite is made.
 """
 
 from __future__ import annotations
