@@ -14,8 +14,10 @@ than the model will see, and calibrate the wrong ranges.) Then, as a user runs t
   held-out seed, so the images are new to the model) with every file as a row and ``--fidelity``:
   AP50 against the labels, and fidelity = AP50 of a row's detections against FP32 onnxruntime's
   detections scoring >= ``--fidelity-score`` as ground truth (what the precision change alone costs),
-  and found = the share of those detections the row reproduces at IoU >= 0.5 at any score (fidelity
-  below found: detections re-ranked around the score cut, not lost);
+  found = the share of those detections the row reproduces at IoU >= 0.5 at any score (fidelity
+  below found: detections re-ranked around the score cut, not lost), and crossed up/down = per 100 FP32
+  boxes, the row's boxes at or above the cut that FP32 scored under it, and FP32's boxes the row scores
+  under it only (score noise across the cut, which ranks boxes wrongly both ways);
 - the FP32 file and every reduced-precision file timed in alternating rounds in onnxruntime on the
   CPU (tod_deploy.bench.timing.time_interleaved), ``--threads`` threads. FP16 runs there too, but its
   target is TensorRT on a GPU: onnxruntime's CPU provider has few FP16 kernels and casts around the rest.
@@ -114,6 +116,8 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
             "fps_ratio": stats[label]["fps"] / stats["fp32"]["fps"],
             "fidelity_ap50": None if fidelity is None else fidelity["AP50"],
             "fidelity_found": None if fidelity is None else fidelity["AR50"],
+            "fidelity_crossed_up": None if fidelity is None else fidelity["crossed_up"],
+            "fidelity_crossed_down": None if fidelity is None else fidelity["crossed_down"],
             "ap50": metrics.get("AP50"),
             "ap": metrics.get("AP"),
             "detections": metrics["counts"]["detections"] if metrics else None,
@@ -161,15 +165,17 @@ def main() -> None:
     print(f"CPU: {environment()['cpu']}, {args.threads} threads; held-out set {data}; "
           f"checkpoints {args.checkpoints or 'none (seeded random weights)'}")  # fmt: skip
     summary = []
-    heading = ("model", "precision", "median ms", "FPS ratio", "fidelity", "found", "AP50", "AP")
-    print("{:9s} {:40s} {:>9s} {:>9s} {:>8s} {:>6s} {:>6s} {:>6s}".format(*heading))
+    heading = ("model", "precision", "median ms", "FPS ratio", "fidelity", "found", "crossed up/down", "AP50", "AP")
+    print("{:9s} {:40s} {:>9s} {:>9s} {:>8s} {:>6s} {:>15s} {:>6s} {:>6s}".format(*heading))
     for name in args.models.split(","):
         result = measure(name, args, data, calib, out)
         summary.append(result)
         for r in result["rows"]:
-            scores = (percent(r["fidelity_ap50"]), percent(r["fidelity_found"]), percent(r["ap50"]), percent(r["ap"]))
+            crossed = f"{percent(r['fidelity_crossed_up'])}/{percent(r['fidelity_crossed_down'])}"
+            scores = (percent(r["fidelity_ap50"]), percent(r["fidelity_found"]), crossed, percent(r["ap50"]),
+                      percent(r["ap"]))  # fmt: skip
             print(f"{name:9s} {r['precision']:40s} {r['median_ms']:9.1f} {r['fps_ratio']:8.2f}x "
-                  "{:>8s} {:>6s} {:>6s} {:>6s}".format(*scores), flush=True)  # fmt: skip
+                  "{:>8s} {:>6s} {:>15s} {:>6s} {:>6s}".format(*scores), flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -22,12 +22,13 @@ from tod_deploy.evaluation.coco_eval import (
     AITOD_BINS,
     TABLE_METRICS,
     category_lookup,
+    crossed_the_cut,
     detections_as_ground_truth,
     evaluate_detections,
 )
 from tod_deploy.evaluation.datasets import load_coco, load_image
 from tod_deploy.evaluation.gate import check_floors
-from tod_deploy.evaluation.run import compare_runners, evaluate_model
+from tod_deploy.evaluation.run import compare_runners, evaluate_model, score_fidelity
 from tod_deploy.evaluation.synthetic import generate_synthetic
 
 # ----------------------------------------------------------------------------- helpers
@@ -175,6 +176,46 @@ def test_fidelity_found_counts_lost_boxes_not_reranked_ones(two_class_gt: dict[s
     shuffled = [{**d, "score": float(rng.random())} for d in [*reference, *false_alarms]]
     reranked = evaluate_detections(gt, shuffled)
     assert reranked["AR50"] == pytest.approx(1.0) and reranked["AP50"] < 0.9
+
+
+def test_crossed_counts_scores_moved_across_the_cut_only() -> None:
+    """A row box at or above the cut counts as crossed when it lies on a reference box under the cut and on
+    none above it: boxes the reference also has above the cut, new boxes, boxes still under the cut, another
+    image's or another class's box do not count; swapped, the call counts moves down. Expected counts are
+    worked out by hand from the boxes."""
+
+    def det(image: int, x: float, score: float, category: int = 1, side: float = 10.0) -> dict[str, Any]:
+        return {"image_id": image, "category_id": category, "bbox": [x, 0.0, side, side], "score": score}
+
+    reference = [
+        det(1, 0, 0.9),  # above the cut
+        det(1, 100, 0.2),  # under it
+        det(1, 200, 0.1),  # under it
+        det(2, 0, 0.25),  # under it, in image 2
+        det(1, 400, 0.95),  # above the cut, and under it a duplicate the reference kept
+        det(1, 401, 0.15),
+        det(1, 500, 0.5),  # above the cut; the row scores it under
+        det(1, 600, 0.7),  # above the cut; the row lost it
+    ]
+    row = [
+        det(1, 1, 0.8),  # on the 0.9 box (IoU 9/11): agrees
+        det(1, 101, 0.4),  # on the 0.2 box (IoU 9/11): crossed
+        det(1, 205, 0.35),  # on the 0.1 box at IoU 5/15 = 0.33: a new box, not crossed
+        det(1, 200, 0.25),  # on the 0.1 box but still under the cut
+        det(1, 300, 0.7),  # nothing there in the reference
+        det(2, 0, 0.5, category=2),  # on image 2's box, another class
+        det(3, 100, 0.9),  # image 3: the reference found nothing
+        det(1, 400, 0.6),  # on the 0.95 box and on its 0.15 duplicate: agrees
+        det(1, 501, 0.1),  # the 0.5 box, under the cut
+    ]
+    assert crossed_the_cut(reference, row, 0.3) == 1
+    assert crossed_the_cut(reference, row, 0.3, class_agnostic=True) == 2  # the class-2 box now counts
+    # a 0.15 cut: the 0.2 box is above it (the 101 box agrees), and the 0.25 box on the 0.1 box crosses
+    assert crossed_the_cut(reference, row, 0.15) == 1
+    assert crossed_the_cut(reference, row, 0.3, iou=0.3) == 2  # the 205 box reaches the 0.1 box at IoU 0.33
+    assert crossed_the_cut(reference, reference, 0.3) == 0  # a model against itself crosses nothing
+    # the other way round: reference boxes the row scores under the cut only (the 500 box; the 600 box is lost)
+    assert crossed_the_cut(row, reference, 0.3) == 1
 
 
 def test_empty_and_non_finite_detections(two_class_gt: dict[str, Any]) -> None:
@@ -384,6 +425,23 @@ def _variant(
     return path
 
 
+def _crossed_by_numpy(reference: list[dict[str, Any]], row: list[dict[str, Any]], cut: float) -> int:
+    """Class-agnostic reference count for ``crossed_the_cut``: box by box, IoU of xywh boxes in plain Python."""
+
+    def iou(a: list[float], b: list[float]) -> float:
+        w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+        h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+        inter = max(w, 0.0) * max(h, 0.0)
+        return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+    count = 0
+    for d in (d for d in row if d["score"] >= cut):
+        same_image = [r for r in reference if r["image_id"] == d["image_id"]]
+        on = [r["score"] >= cut for r in same_image if iou(d["bbox"], r["bbox"]) >= 0.5]
+        count += bool(on) and not any(on)
+    return count
+
+
 def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: Path) -> None:
     """--compare adds onnxruntime rows named by precision; --fidelity scores them against the FP32 row."""
     same = _variant(small_onnx, tmp_path / "a", "same", None)
@@ -397,6 +455,25 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
     assert report.fidelity["onnxruntime same"]["AP50"] > 0.99
     assert report.fidelity["onnxruntime perturbed"]["AP50"] < 0.9
     assert report.to_dict()["fidelity"]["results"]["onnxruntime same"]["AP"] > 0.99
+    # crossed, at a cut with boxes on both sides (the median reference score): the same weights move no
+    # score across it; the perturbed row's count matches a NumPy count over the rows' own detections
+    cut = float(np.median([d["score"] for d in report.detections["onnxruntime"]]))
+    rescored = copy.copy(report)
+    rescored.fidelity = {}
+    score_fidelity(rescored, load_coco(tiny_set / "annotations.json", tiny_set / "images").subset(), cut)
+    same_row = rescored.fidelity["onnxruntime same"]
+    assert same_row["crossed_up"] == same_row["crossed_down"] == 0.0
+    reference_dets, perturbed_dets = report.detections["onnxruntime"], report.detections["onnxruntime perturbed"]
+    up, down = (
+        _crossed_by_numpy(reference_dets, perturbed_dets, cut),
+        _crossed_by_numpy(perturbed_dets, reference_dets, cut),
+    )
+    above = sum(d["score"] >= cut for d in reference_dets)
+    perturbed_row = rescored.fidelity["onnxruntime perturbed"]
+    assert (perturbed_row["counts"]["crossed_up"], perturbed_row["counts"]["crossed_down"]) == (up, down)
+    assert up > 0  # (down is 0 here: the perturbed weights raise scores; the unit test covers that side)
+    assert perturbed_row["crossed_up"] == pytest.approx(up / above)
+    assert perturbed_row["crossed_down"] == pytest.approx(down / above)
     with pytest.raises(UserError, match="no detection scoring 1.01"):
         evaluate_model(small_onnx, tiny_set / "annotations.json", tiny_set / "images", class_agnostic=True,
                        log=lambda _l: None, compare=[same], fidelity_min_score=1.01)  # fmt: skip
@@ -484,7 +561,9 @@ def test_tables_print_row_names_whole() -> None:
     from tod_deploy.evaluation.report import eval_table, fidelity_table
     from tod_deploy.evaluation.run import EvalReport
 
-    metrics: dict[str, Any] = {m: 0.5 for m in ("AP", "AP50", "AP75", "APvt", "APt", "APs", "APm", "AR50")}
+    metrics: dict[str, Any] = {
+        m: 0.5 for m in ("AP", "AP50", "AP75", "APvt", "APt", "APs", "APm", "AR50", "crossed_up", "crossed_down")
+    }
     metrics["counts"] = {"detections": 3}
     rows = ["onnxruntime", "onnxruntime int8 (onnxruntime layout) model[fpn].int8.onnx"]
     report = EvalReport("m.onnx", "cfinet", (64, 64), "a.json", "images", 1, True, 100,

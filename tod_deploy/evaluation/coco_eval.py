@@ -201,6 +201,49 @@ def detections_as_ground_truth(
     }
 
 
+def crossed_the_cut(
+    reference: Iterable[Mapping[str, Any]],
+    detections: Iterable[Mapping[str, Any]],
+    min_score: float,
+    class_agnostic: bool = False,
+    iou: float = 0.5,
+) -> int:
+    """How many of ``detections`` at score >= ``min_score`` lie on a ``reference`` box scored under it.
+
+    Fidelity takes the reference's boxes at or above the cut as ground truth and ranks every detection of
+    the row, so score noise costs AP50 both ways: a box the reference scored 0.28 that the row scores 0.32
+    is a false positive ranked among the true ones, and a reference box the row scores under the cut is
+    found ("found" takes any score) but ranked among the row's low-score boxes. Called both ways round, this
+    counts the two moves, apart from boxes the reference does not have at all: a box counts when no box of
+    the other side at or above the cut overlaps it at IoU >= ``iou`` and one under the cut does (same
+    category unless ``class_agnostic``). IoU is pycocotools' (``mask.iou``), as COCOeval matches boxes.
+    """
+    from pycocotools import mask
+
+    def by_key(dets: Iterable[Mapping[str, Any]]) -> dict[Any, list[Mapping[str, Any]]]:
+        grouped: dict[Any, list[Mapping[str, Any]]] = {}
+        for det in dets:
+            grouped.setdefault((det["image_id"], None if class_agnostic else det["category_id"]), []).append(det)
+        return grouped
+
+    def boxes(dets: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        return np.array([[float(v) for v in d["bbox"]] for d in dets], dtype=np.float64).reshape(-1, 4)
+
+    def overlapped(rows: np.ndarray, refs: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        if not refs:
+            return np.zeros(len(rows), dtype=bool)
+        return np.asarray(mask.iou(rows, boxes(refs), [0] * len(refs))).max(axis=1) >= iou
+
+    ref = by_key(reference)
+    crossed = 0
+    for key, dets in by_key(d for d in detections if float(d["score"]) >= min_score).items():
+        above = [d for d in ref.get(key, []) if float(d["score"]) >= min_score]
+        under = [d for d in ref.get(key, []) if float(d["score"]) < min_score]
+        rows = boxes(dets)
+        crossed += int((~overlapped(rows, above) & overlapped(rows, under)).sum())
+    return crossed
+
+
 def category_lookup(
     num_classes: int | None,
     categories: Sequence[Mapping[str, Any]],

@@ -60,14 +60,20 @@ def fidelity_table(report: EvalReport) -> Table | None:
         f"(its detections with score >= {report.fidelity_min_score:g} as ground truth)",
         caption="AP % of each row scored against the reference's boxes; 100 = reproduces it. "
         "found: % of the reference's boxes the row detects at IoU >= 0.5, at any score "
-        "(AP50 below found: boxes re-ranked, not lost)",
+        "(AP50 below found: boxes re-ranked, not lost). crossed up/down: per 100 reference boxes, the row's "
+        "boxes at or above the cut on a reference box under it (ranked as false positives), and reference "
+        "boxes the row scores under the cut only (ranked among its low scores)",
     )
     table.add_column("row")
     for metric in TABLE_METRICS:
         table.add_column(metric, justify="right")
     table.add_column("found", justify="right")
+    table.add_column("crossed up/down", justify="right")
     for row, metrics in report.fidelity.items():
-        table.add_row(escape(row), *(_fmt(metrics[m]) for m in TABLE_METRICS), _fmt(metrics["AR50"]))
+        table.add_row(
+            escape(row), *(_fmt(metrics[m]) for m in TABLE_METRICS), _fmt(metrics["AR50"]),
+            f"{_fmt(metrics['crossed_up'])}/{_fmt(metrics['crossed_down'])}",
+        )  # fmt: skip
     return table
 
 

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 
 from tod_deploy.errors import UserError
-from tod_deploy.evaluation.coco_eval import category_lookup, detections_as_ground_truth, evaluate_detections
+from tod_deploy.evaluation.coco_eval import (
+    category_lookup,
+    crossed_the_cut,
+    detections_as_ground_truth,
+    evaluate_detections,
+)
 from tod_deploy.evaluation.datasets import Letterbox, load_coco, load_image
 
 FIDELITY_MAX_DETS = 1000
@@ -296,6 +301,14 @@ def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
     most = [max(Counter(d["image_id"] for d in dets).values(), default=0) for dets in report.detections.values()]
     max_dets = min(max([report.max_dets, *most]), max(report.max_dets, FIDELITY_MAX_DETS))
     report.fidelity_reference, report.fidelity_min_score = reference, min_score
+    reference_dets, reference_boxes = report.detections[reference], len(truth["annotations"])
     for row in rows:
-        if row != reference:
-            report.fidelity[row] = evaluate_detections(truth, report.detections[row], report.class_agnostic, max_dets)
+        if row == reference:
+            continue
+        metrics = evaluate_detections(truth, report.detections[row], report.class_agnostic, max_dets)
+        up = crossed_the_cut(reference_dets, report.detections[row], min_score, report.class_agnostic)
+        down = crossed_the_cut(report.detections[row], reference_dets, min_score, report.class_agnostic)
+        metrics["counts"] |= {"crossed_up": up, "crossed_down": down}
+        # per reference box, as "found" (AR50) is
+        metrics["crossed_up"], metrics["crossed_down"] = up / reference_boxes, down / reference_boxes
+        report.fidelity[row] = metrics
