@@ -440,9 +440,9 @@ def serve_cmd(
         table.add_column("address")
         for kind, address in ports.endpoints("localhost" if host in ("127.0.0.1", "0.0.0.0") else host).items():
             table.add_row(kind, address)
-        out.print(table)
-        out.print("ready; Ctrl-C stops the server", markup=False)
-        try:
+        try:  # from the moment "ready" is printed, Ctrl-C is a clean stop (the test sends it as soon as it reads it)
+            out.print(table)
+            out.print("ready; Ctrl-C stops the server", markup=False)
             while server.running:
                 time.sleep(0.5)
         except KeyboardInterrupt:
@@ -737,6 +737,13 @@ def eval_cmd(
     fidelity_score: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Reference detections scoring at least this count as ground truth.")
     ] = FIDELITY_MIN_SCORE,
+    noise_floor: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the reference on each image changed by at most one grey level per pixel (seeded): the "
+            "fidelity so small a change costs, to read the other rows against (implies --fidelity; not gated)."
+        ),
+    ] = False,
     min_ap50: Annotated[
         float | None,
         typer.Option(min=0.0, max=1.0, help="Exit 1 if any row's AP50 is below this fraction (e.g. 0.5): a CI gate."),
@@ -755,8 +762,8 @@ def eval_cmd(
 
     report = evaluate_model(
         model, data, images, method, backend, max_images, class_agnostic, max_dets, checkpoint, input_size, log=log,
-        compare=compare, fidelity_min_score=fidelity_score if fidelity or min_fidelity is not None else None,
-        precision=precision,
+        compare=compare, precision=precision, noise_floor=noise_floor,
+        fidelity_min_score=fidelity_score if fidelity or noise_floor or min_fidelity is not None else None,
     )  # fmt: skip
     failures = check_floors(report, min_ap50, min_fidelity)
     out.print(eval_table(report))
