@@ -218,6 +218,22 @@ def test_crossed_counts_scores_moved_across_the_cut_only() -> None:
     assert crossed_the_cut(row, reference, 0.3) == 1
 
 
+def test_one_grey_level_moves_each_value_by_at_most_one() -> None:
+    """The noise floor's change: every value moves by -1, 0 or +1 (about a third each), stays in 0..255 at the
+    ends, keeps uint8, and the same seed makes the same change."""
+    from tod_deploy.evaluation.run import one_grey_level
+
+    rgb = np.random.default_rng(1).integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
+    rgb[0], rgb[1] = 0, 255
+    moved = one_grey_level(rgb, np.random.default_rng(0))
+    step = moved.astype(int) - rgb.astype(int)
+    assert moved.dtype == np.uint8 and moved.shape == rgb.shape and np.abs(step).max() == 1
+    middle = step[2:]
+    assert all(0.3 < np.mean(middle == k) < 0.37 for k in (-1, 0, 1))
+    assert step[0].min() == 0 and step[1].max() == 0  # clipped, not wrapped around
+    assert np.array_equal(moved, one_grey_level(rgb, np.random.default_rng(0)))
+
+
 def test_empty_and_non_finite_detections(two_class_gt: dict[str, Any]) -> None:
     empty = evaluate_detections(two_class_gt, [])
     assert empty["AP"] == 0.0 and empty["APvt"] == 0.0 and empty["coco_APl"] is None
@@ -448,10 +464,16 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
     perturbed = _variant(small_onnx, tmp_path / "b", "perturbed", 0.5)
     report = evaluate_model(
         small_onnx, tiny_set / "annotations.json", tiny_set / "images", backends="onnxruntime", class_agnostic=True,
-        log=lambda _l: None, compare=[same, perturbed], fidelity_min_score=0.0,
+        log=lambda _l: None, compare=[same, perturbed], fidelity_min_score=0.0, noise_floor=True,
     )  # fmt: skip
-    assert list(report.results) == ["onnxruntime", "onnxruntime same", "onnxruntime perturbed"]
+    floor = "onnxruntime on +-1 grey level"
+    assert list(report.results) == ["onnxruntime", "onnxruntime same", "onnxruntime perturbed", floor]
     assert report.fidelity_reference == "onnxruntime" and list(report.fidelity) == list(report.results)[1:]
+    # the noise-floor row: the FP32 file itself with its input moved by a grey level: other detections (scores
+    # move), yet far closer to the reference than perturbed weights
+    assert report.noise_floor_row == floor and report.to_dict()["fidelity"]["noise_floor_row"] == floor
+    assert report.detections[floor] != report.detections["onnxruntime"]
+    assert report.fidelity["onnxruntime perturbed"]["AP50"] < 0.9 < report.fidelity[floor]["AP50"]
     assert report.fidelity["onnxruntime same"]["AP50"] > 0.99
     assert report.fidelity["onnxruntime perturbed"]["AP50"] < 0.9
     assert report.to_dict()["fidelity"]["results"]["onnxruntime same"]["AP"] > 0.99
@@ -481,10 +503,12 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
     # The floors of `eval --min-ap50/--min-fidelity` on the same report: a row is named when it is below.
     fidelity_failures = check_floors(report, None, 0.95)
     assert [(f.row, f.floor_name) for f in fidelity_failures] == [("onnxruntime perturbed", "fidelity")]
+    # the noise-floor row is a yardstick: a floor above every row's value names every row but it
+    assert [f.row for f in check_floors(report, None, 1.01)] == list(report.fidelity)[:-1]
     assert "onnxruntime perturbed: fidelity AP50" in fidelity_failures[0].line()
     assert check_floors(report, None, 0.0) == []
-    # Random weights find none of the labelled objects: every row is below an AP50 floor of 0.5.
-    assert [f.row for f in check_floors(report, 0.5, None)] == list(report.results)
+    # Random weights find none of the labelled objects: every row but the yardstick is below an AP50 floor of 0.5.
+    assert [f.row for f in check_floors(report, 0.5, None)] == list(report.results)[:-1]
     alone = evaluate_model(small_onnx, tiny_set / "annotations.json", tiny_set / "images", class_agnostic=True,
                            max_images=1, log=lambda _l: None, fidelity_min_score=0.0)  # fmt: skip
     with pytest.raises(UserError, match="--min-fidelity needs a row to compare"):
@@ -543,7 +567,8 @@ def test_eval_gate_exit_status(small_onnx: Path, tiny_set: Path, tmp_path: Path)
     ok = run(*base, "--compare", str(same), "--json", str(tmp_path / "ok.json"))
     assert ok.returncode == 0, ok.stderr
     assert json.loads((tmp_path / "ok.json").read_text())["gate"]["failed"] == []
-    bad = run(*base, "--compare", str(same), "--compare", str(perturbed), "--json", str(tmp_path / "bad.json"))
+    bad = run(*base, "--compare", str(same), "--compare", str(perturbed), "--noise-floor",
+              "--json", str(tmp_path / "bad.json"))  # fmt: skip
     assert bad.returncode == 1, bad.stderr
     named = [line for line in bad.stderr.splitlines() if line.startswith("below the floor:")]
     assert len(named) == 2 and all("onnxruntime perturbed:" in line for line in named), bad.stderr
@@ -551,6 +576,9 @@ def test_eval_gate_exit_status(small_onnx: Path, tiny_set: Path, tmp_path: Path)
     failed = json.loads((tmp_path / "bad.json").read_text())["gate"]["failed"]
     assert {(f["row"], f["floor"]) for f in failed} == {("onnxruntime perturbed", "ap50"),
                                                          ("onnxruntime perturbed", "fidelity")}  # fmt: skip
+    # --noise-floor ran: its row is in the JSON and the table, named, and ungated
+    fidelity = json.loads((tmp_path / "bad.json").read_text())["fidelity"]
+    assert fidelity["noise_floor_row"] in fidelity["results"] and "on +-1 grey level" in bad.stdout
 
 
 def test_tables_print_row_names_whole() -> None:

@@ -55,6 +55,7 @@ def fidelity_table(report: EvalReport) -> Table | None:
     """Agreement of each row with the reference row (its detections taken as ground truth)."""
     if not report.fidelity:
         return None
+    floor = report.noise_floor_row
     table = Table(
         title=f"deployment fidelity: agreement with {report.fidelity_reference} "
         f"(its detections with score >= {report.fidelity_min_score:g} as ground truth)",
@@ -62,8 +63,10 @@ def fidelity_table(report: EvalReport) -> Table | None:
         "found: % of the reference's boxes the row detects at IoU >= 0.5, at any score "
         "(AP50 below found: boxes re-ranked, not lost). crossed up/down: per 100 reference boxes, the row's "
         "boxes at or above the cut on a reference box under it (ranked as false positives), and reference "
-        "boxes the row scores under the cut only (ranked among its low scores)",
-    )
+        "boxes the row scores under the cut only (ranked among its low scores)"
+        + (f". {floor}: the reference on each image changed by at most one grey level per pixel, the fidelity "
+           "so small a change costs (not gated)" if floor else ""),
+    )  # fmt: skip
     table.add_column("row")
     for metric in TABLE_METRICS:
         table.add_column(metric, justify="right")

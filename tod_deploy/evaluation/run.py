@@ -5,10 +5,11 @@ rows, and ``--fidelity`` scores every row against the FP32 onnxruntime row's det
 ground truth: deployment fidelity, which needs no labels and shows what a precision change costs
 on the same weights.
 
-Each image is read once, letterboxed into the model's input (``datasets.load_image``), and fed
-to every backend; the detection contract (DESIGN.md section 4) comes back, rows past
-``num_dets`` are dropped, boxes are mapped to the original image's pixels and labels to the data
-set's category ids, and ``coco_eval.evaluate_detections`` scores each backend's detections.
+Each image is read once, letterboxed into the model's input (``datasets.letterbox``), and fed
+to every backend (``--noise-floor``: the reference's runner also gets it changed by one grey level);
+the detection contract (DESIGN.md section 4) comes back, rows past ``num_dets`` are dropped, boxes
+are mapped to the original image's pixels and labels to the data set's category ids, and
+``coco_eval.evaluate_detections`` scores each backend's detections.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from tod_deploy.evaluation.coco_eval import (
     detections_as_ground_truth,
     evaluate_detections,
 )
-from tod_deploy.evaluation.datasets import Letterbox, load_coco, load_image
+from tod_deploy.evaluation.datasets import Letterbox, letterbox, load_coco, read_rgb
 
 FIDELITY_MAX_DETS = 1000
+NOISE_SEED = 0  # the --noise-floor row's pixel changes: the same images, the same changes, run after run
 Log = Callable[[str], None]
 
 
@@ -53,6 +55,8 @@ class EvalReport:
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
     fidelity_reference: str | None = None
     fidelity_min_score: float | None = None
+    # --noise-floor: the reference run on each image changed by at most one grey level (a yardstick, not gated)
+    noise_floor_row: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +75,7 @@ class EvalReport:
             "fidelity": {
                 "reference": self.fidelity_reference,
                 "min_score": self.fidelity_min_score,
+                "noise_floor_row": self.noise_floor_row,
                 "results": self.fidelity,
             }
             if self.fidelity_reference
@@ -242,9 +247,11 @@ def evaluate_model(
     compare: list[Path] | None = None,
     fidelity_min_score: float | None = None,
     precision: str = "auto",
+    noise_floor: bool = False,
 ) -> EvalReport:
     """``fidelity_min_score``: when set, also score every row against the reference row's
-    detections at or above that score (the FP32 onnxruntime row, else the first row)."""
+    detections at or above that score (the FP32 onnxruntime row, else the first row). ``noise_floor``
+    adds the reference's runner once more, on each image changed by at most one grey level per pixel."""
     coco = load_coco(data, images_dir, max_images)  # check the data before the (slow) model build
     loaded = load_model(model_path, method, backends, checkpoint, input_size, log, precision)
     if compare:
@@ -256,18 +263,27 @@ def evaluate_model(
         loaded.name, loaded.method, loaded.input_size, str(data), str(images_dir), len(coco.images),
         class_agnostic, max_dets,
     )  # fmt: skip
-    detections: dict[str, list[dict[str, Any]]] = {b: [] for b in loaded.runners}
-    seconds = dict.fromkeys(loaded.runners, 0.0)
+    rows = dict(loaded.runners)
+    if noise_floor:
+        reference = fidelity_reference(list(rows))
+        report.noise_floor_row = f"{reference} on +-1 grey level"
+        rows[report.noise_floor_row] = rows[reference]
+    noise = np.random.default_rng(NOISE_SEED)
+    detections: dict[str, list[dict[str, Any]]] = {b: [] for b in rows}
+    seconds = dict.fromkeys(rows, 0.0)
     log(f"evaluating {len(coco.images)} images at {loaded.input_size[0]}x{loaded.input_size[1]} "
-        f"on {', '.join(loaded.runners)} ...")  # fmt: skip
+        f"on {', '.join(rows)} ...")  # fmt: skip
     step = max(1, len(coco.images) // 4)
     for i, image in enumerate(coco.images):
         path = coco.image_path(image)
-        pixels, mapping = load_image(path, loaded.input_size)
-        batch = pixels[None]
-        for backend, runner in loaded.runners.items():
+        rgb = read_rgb(path)
+        pixels, mapping = letterbox(rgb, loaded.input_size)
+        batches = {backend: pixels[None] for backend in rows}
+        if report.noise_floor_row:
+            batches[report.noise_floor_row] = letterbox(one_grey_level(rgb, noise), loaded.input_size)[0][None]
+        for backend, runner in rows.items():
             start = time.perf_counter()
-            outputs = runner.run(batch)
+            outputs = runner.run(batches[backend])
             seconds[backend] += time.perf_counter() - start
             where = f" on {backend} for {path.name}"
             detections[backend] += contract_to_detections(outputs, mapping, image["id"], to_category, where)
@@ -283,6 +299,21 @@ def evaluate_model(
     return report
 
 
+def one_grey_level(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``rgb`` (uint8) with each value moved by -1, 0 or +1 at random, within 0..255.
+
+    The smallest change an image can take, as large as two JPEG decoders' disagreement: what the model
+    does with it is a floor to read every other row's fidelity against (``eval --noise-floor``).
+    """
+    moved = rgb.astype(np.int16) + rng.integers(-1, 2, size=rgb.shape, dtype=np.int16)
+    return np.clip(moved, 0, 255).astype(np.uint8)
+
+
+def fidelity_reference(rows: list[str]) -> str:
+    """The row the others are scored against: FP32 onnxruntime when it runs, else the first."""
+    return "onnxruntime" if "onnxruntime" in rows else rows[0]
+
+
 def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
     """Each row against the reference row's confident detections, as if they were the labels.
 
@@ -291,7 +322,7 @@ def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
     3000 x 3000 per image, SR-TOD on AI-TOD, took over 10 GB), so a row must reproduce all of them.
     """
     rows = list(report.detections)
-    reference = "onnxruntime" if "onnxruntime" in rows else rows[0]
+    reference = fidelity_reference(rows)
     truth = detections_as_ground_truth(subset, report.detections[reference], min_score)
     if not truth["annotations"]:
         raise UserError(
