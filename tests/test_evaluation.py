@@ -509,8 +509,10 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
     assert check_floors(report, None, 0.0) == []
     # Random weights find none of the labelled objects: every row but the yardstick is below an AP50 floor of 0.5.
     assert [f.row for f in check_floors(report, 0.5, None)] == list(report.results)[:-1]
+    # nothing to gate but the yardstick: the floor cannot be checked, which is an error, not a pass
     alone = evaluate_model(small_onnx, tiny_set / "annotations.json", tiny_set / "images", class_agnostic=True,
-                           max_images=1, log=lambda _l: None, fidelity_min_score=0.0)  # fmt: skip
+                           max_images=1, log=lambda _l: None, fidelity_min_score=0.0, noise_floor=True)  # fmt: skip
+    assert list(alone.fidelity) == [floor]
     with pytest.raises(UserError, match="--min-fidelity needs a row to compare"):
         check_floors(alone, None, 0.9)
 

@@ -50,14 +50,13 @@ def check_floors(report: EvalReport, min_ap50: float | None, min_fidelity: float
             if value is None or value < min_ap50:
                 failures.append(GateFailure(row, "ap50", value, min_ap50))
     if min_fidelity is not None:
-        if not report.fidelity:
+        gated = {row: metrics for row, metrics in report.fidelity.items() if row != report.noise_floor_row}
+        if not gated:
             raise UserError(
                 "--min-fidelity needs a row to compare with the reference",
                 "add --compare model.int8.onnx or a second --backend",
             )
-        for row, metrics in report.fidelity.items():
-            if row == report.noise_floor_row:
-                continue
+        for row, metrics in gated.items():
             value = metrics.get(GATED_METRIC)
             if value is None or value < min_fidelity:
                 failures.append(GateFailure(row, "fidelity", value, min_fidelity))
