@@ -229,18 +229,18 @@ def crossed_the_cut(
     def boxes(dets: Sequence[Mapping[str, Any]]) -> np.ndarray:
         return np.array([[float(v) for v in d["bbox"]] for d in dets], dtype=np.float64).reshape(-1, 4)
 
-    def overlapped(rows: np.ndarray, refs: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    def overlapped(candidates: np.ndarray, refs: Sequence[Mapping[str, Any]]) -> np.ndarray:
         if not refs:
-            return np.zeros(len(rows), dtype=bool)
-        return np.asarray(mask.iou(rows, boxes(refs), [0] * len(refs))).max(axis=1) >= iou
+            return np.zeros(len(candidates), dtype=bool)
+        return np.asarray(mask.iou(candidates, boxes(refs), [0] * len(refs))).max(axis=1) >= iou
 
     ref = by_key(reference)
     crossed = 0
     for key, dets in by_key(d for d in detections if float(d["score"]) >= min_score).items():
         above = [d for d in ref.get(key, []) if float(d["score"]) >= min_score]
         under = [d for d in ref.get(key, []) if float(d["score"]) < min_score]
-        rows = boxes(dets)
-        crossed += int((~overlapped(rows, above) & overlapped(rows, under)).sum())
+        candidates = boxes(dets)
+        crossed += int((~overlapped(candidates, above) & overlapped(candidates, under)).sum())
     return crossed
 
 

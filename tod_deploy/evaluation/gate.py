@@ -43,14 +43,12 @@ def check_floors(report: EvalReport, min_ap50: float | None, min_fidelity: float
     """Every row under a floor, in table order (labels first, then fidelity)."""
     failures: list[GateFailure] = []
     if min_ap50 is not None:
-        for row, metrics in report.results.items():
-            if row == report.noise_floor_row:
-                continue
+        for row, metrics in _gated(report, report.results).items():
             value = metrics.get(GATED_METRIC)
             if value is None or value < min_ap50:
                 failures.append(GateFailure(row, "ap50", value, min_ap50))
     if min_fidelity is not None:
-        gated = {row: metrics for row, metrics in report.fidelity.items() if row != report.noise_floor_row}
+        gated = _gated(report, report.fidelity)
         if not gated:
             raise UserError(
                 "--min-fidelity needs a row to compare with the reference",
@@ -61,3 +59,8 @@ def check_floors(report: EvalReport, min_ap50: float | None, min_fidelity: float
             if value is None or value < min_fidelity:
                 failures.append(GateFailure(row, "fidelity", value, min_fidelity))
     return failures
+
+
+def _gated(report: EvalReport, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``rows`` less the ``--noise-floor`` yardstick, which no floor applies to."""
+    return {row: metrics for row, metrics in rows.items() if row != report.noise_floor_row}
