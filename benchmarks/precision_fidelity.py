@@ -17,7 +17,9 @@ than the model will see, and calibrate the wrong ranges.) Then, as a user runs t
   found = the share of those detections the row reproduces at IoU >= 0.5 at any score (fidelity
   below found: detections re-ranked around the score cut, not lost), and crossed up/down = per 100 FP32
   boxes, the row's boxes at or above the cut that FP32 scored under it, and FP32's boxes the row scores
-  under it only (score noise across the cut, which ranks boxes wrongly both ways);
+  under it only (score noise across the cut, which ranks boxes wrongly both ways); plus the yardstick
+  row of ``eval --noise-floor``: FP32 itself on each image moved by at most one grey level, the fidelity
+  of a change nobody would call a change, which a precision's figure is read against;
 - the FP32 file and every reduced-precision file timed in alternating rounds in onnxruntime on the
   CPU (tod_deploy.bench.timing.time_interleaved), ``--threads`` threads. FP16 runs there too, but its
   target is TensorRT on a GPU: onnxruntime's CPU provider has few FP16 kernels and casts around the rest.
@@ -98,7 +100,7 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
     if checkpoint is not None:
         report = evaluate_model(
             fp32, data / ANNOTATIONS, data / IMAGES, backends="onnxruntime", class_agnostic=True,
-            compare=list(files.values()), fidelity_min_score=args.fidelity_score, log=log,
+            compare=list(files.values()), fidelity_min_score=args.fidelity_score, noise_floor=True, log=log,
         )  # fmt: skip
     images = verification_images(Sidecar.load(fp32).recipe, 1, seed=1)
     runners = {"fp32": OnnxRuntimeRunner(onnx.load(str(fp32)), args.threads)}
@@ -114,17 +116,29 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
             "precision": label,
             "median_ms": stats[label]["median_ms"],
             "fps_ratio": stats[label]["fps"] / stats["fp32"]["fps"],
-            "fidelity_ap50": None if fidelity is None else fidelity["AP50"],
-            "fidelity_found": None if fidelity is None else fidelity["AR50"],
-            "fidelity_crossed_up": None if fidelity is None else fidelity["crossed_up"],
-            "fidelity_crossed_down": None if fidelity is None else fidelity["crossed_down"],
+            **fidelity_fields(fidelity),
             "ap50": metrics.get("AP50"),
             "ap": metrics.get("AP"),
             "detections": metrics["counts"]["detections"] if metrics else None,
         })  # fmt: skip
     return {"model": name, "method": method, "checkpoint": str(checkpoint) if checkpoint else None,
             "input_size": args.size, "reference_boxes": fidelity_reference_boxes(report),
-            "rows": rows}  # fmt: skip
+            "rows": rows, "noise_floor": noise_floor_row(report)}  # fmt: skip
+
+
+def noise_floor_row(report: Any) -> dict[str, Any] | None:
+    """FP32 itself on images moved by at most one grey level (eval --noise-floor): the scale a fidelity
+    figure is read on, since a precision change can hardly move detections less than such input noise."""
+    if report is None:
+        return None
+    return fidelity_fields(report.fidelity[report.noise_floor_row])
+
+
+def fidelity_fields(fidelity: dict[str, Any] | None) -> dict[str, float | None]:
+    """A row's fidelity figures under the names this benchmark writes (None each when it has none)."""
+    names = {"fidelity_ap50": "AP50", "fidelity_found": "AR50", "fidelity_crossed_up": "crossed_up",
+             "fidelity_crossed_down": "crossed_down"}  # fmt: skip
+    return {field: None if fidelity is None else fidelity[key] for field, key in names.items()}
 
 
 def fidelity_reference_boxes(report: Any) -> int:
@@ -176,6 +190,11 @@ def main() -> None:
                       percent(r["ap"]))  # fmt: skip
             print(f"{name:9s} {r['precision']:40s} {r['median_ms']:9.1f} {r['fps_ratio']:8.2f}x "
                   "{:>8s} {:>6s} {:>15s} {:>6s} {:>6s}".format(*scores), flush=True)  # fmt: skip
+        if floor := result["noise_floor"]:
+            crossed = f"{percent(floor['fidelity_crossed_up'])}/{percent(floor['fidelity_crossed_down'])}"
+            scores = (percent(floor["fidelity_ap50"]), percent(floor["fidelity_found"]), crossed)
+            print(f"{name:9s} {'fp32 on +-1 grey level (yardstick)':40s} {'-':>9s} {'-':>9s} "
+                  "{:>8s} {:>6s} {:>15s} {:>6s} {:>6s}".format(*scores, "-", "-"), flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
