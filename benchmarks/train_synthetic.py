@@ -36,10 +36,12 @@ Usage: python benchmarks/train_synthetic.py --model bh [--minutes 20] [--size 12
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -79,9 +81,18 @@ def log(line: str) -> None:
 
 def synthetic_split(root: Path, images: int, seed: int, size_hw: tuple[int, int]) -> Path:
     """A synthetic set at the model's input size, made once (same seed, same bytes). A set already there
-    must be the one asked for: a reused folder would otherwise measure on another set, silently."""
+    must be the one asked for: a reused folder would otherwise measure on another set, silently. The set is
+    made aside and moved into place whole, so two runs started together (one model each) do not write into
+    one folder: the second to finish keeps the first's set, which it then checks as any set already there."""
     if not (root / ANNOTATIONS).is_file():
-        generate_synthetic(root, images=images, seed=seed, size_hw=size_hw)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{root.name}-", dir=root.parent) as staging:
+            made_aside = Path(staging) / root.name
+            generate_synthetic(made_aside, images=images, seed=seed, size_hw=size_hw)
+            with contextlib.suppress(OSError):  # another run's set is there by now
+                made_aside.rename(root)
+    if not (root / ANNOTATIONS).is_file():
+        raise SystemExit(f"{root} holds no {ANNOTATIONS} (a run stopped while writing it): remove the folder")
     coco = json.loads((root / ANNOTATIONS).read_text())
     made = (len(coco["images"]), coco["info"]["seed"], tuple(coco["info"]["size"]))
     if made != (images, seed, tuple(size_hw)):
