@@ -1,4 +1,4 @@
-"""The RPN's proposal step in onnxruntime against PyTorch, where a trained RPN puts most anchors:
+"""The RPN's proposal step in onnxruntime against PyTorch, where a trained RPN puts many anchors:
 objectness logits far below zero, whose sigmoid onnxruntime's own ``Sigmoid`` rounds to exactly 0."""
 
 from __future__ import annotations
