@@ -164,6 +164,21 @@ def test_one_training_step_gives_finite_losses_and_gradients() -> None:
     assert not torch.equal(before, model.student.backbone[0].down_sample[0].weight)
 
 
+def test_without_distillation_weights_the_teacher_is_not_run() -> None:
+    recipe = load_recipe(
+        "thumbdet", overrides={"input_size": "256x256", "model": {"kd_logit_weight": 0.0, "kd_feature_weight": 0.0}}
+    )
+    model, _ = build_training_model(recipe, None, log=quiet)
+    model.train()
+    calls = []
+    model.teacher.register_forward_hook(lambda *_: calls.append(1))
+    images = torch.rand(1, 3, 256, 256) * 255
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    losses = model.training_losses(images, targets)
+    assert set(losses) == {"loss_mm", "loss_det"} and calls == []
+    assert all(torch.isfinite(v) and v.item() > 0 for v in losses.values())
+
+
 def test_config_rejects_unknown_scale() -> None:
     from tod_deploy.errors import UserError
 

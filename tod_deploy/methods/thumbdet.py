@@ -176,21 +176,27 @@ class ThumbDetTraining(TrainingModel):
         return ThumbDetDeploy(detector, recipe.top_k, recipe.score_threshold).eval()
 
     def training_losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The paper's four terms. With both distillation weights at 0 (no trained teacher to learn from:
+        a teacher trained from scratch alongside teaches noise) the teacher is not run and its terms are left out."""
         cfg = self.cfg
         images01 = images / 255.0
+        student = self.student(images01, all_layers=True)
+        thumbnail = self.student.backbone[0].thumbnail(images01)
+        losses = {
+            "loss_mm": cfg.mm_weight * moment_matching_loss(images01, thumbnail, cfg.mm_lambda),
+            "loss_det": self.criterion(student["layers"], targets),
+        }
+        if cfg.kd_logit_weight == 0 and cfg.kd_feature_weight == 0:
+            return losses
         self.teacher.eval()
         with torch.no_grad():
             teacher = self.teacher(images01)
-        student = self.student(images01, all_layers=True)
-        thumbnail = self.student.backbone[0].thumbnail(images01)
         keep = query_filter(teacher["pred_logits"], cfg.query_filter_threshold)
-        return {
-            "loss_mm": cfg.mm_weight * moment_matching_loss(images01, thumbnail, cfg.mm_lambda),
+        return losses | {
             "loss_kd_logit": cfg.kd_logit_weight
             * logit_distillation_loss(student["pred_logits"], teacher["pred_logits"], keep, cfg.kd_temperature),
             "loss_kd_feature": cfg.kd_feature_weight
             * feature_distillation_loss(student["features"], teacher["features"]),
-            "loss_det": self.criterion(student["layers"], targets),
         }
 
 
