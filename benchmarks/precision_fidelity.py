@@ -52,6 +52,7 @@ from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.cli import FIDELITY_MIN_SCORE, MAX_SIGN_FLIPS
 from tod_deploy.environment import environment
+from tod_deploy.errors import UserError
 from tod_deploy.evaluation.run import evaluate_model
 from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES
 from tod_deploy.export.pipeline import export_model
@@ -96,12 +97,9 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
             shares = ", ".join(f"{layer} {100 * c['share']:.2f}%" for layer, c in checks.items())
             log(f"{name}: {label}: {sum(c['int8'] for c in checks.values())} of {len(checks)} real layers feeding "
                 f"1-bit layers in INT8; signs each flips alone: {shares}")  # fmt: skip
-    report = None  # seeded random weights: speed alone (their AP and fidelity mean nothing)
+    report, no_fidelity = None, "seeded random weights"  # speed alone (their AP and fidelity mean nothing)
     if checkpoint is not None:
-        report = evaluate_model(
-            fp32, data / ANNOTATIONS, data / IMAGES, backends="onnxruntime", class_agnostic=True,
-            compare=list(files.values()), fidelity_min_score=args.fidelity_score, noise_floor=True, log=log,
-        )  # fmt: skip
+        report, no_fidelity = evaluate(fp32, list(files.values()), data, args.fidelity_score)
     images = verification_images(Sidecar.load(fp32).recipe, 1, seed=1)
     runners = {"fp32": OnnxRuntimeRunner(onnx.load(str(fp32)), args.threads)}
     runners |= {label: OnnxRuntimeRunner(onnx.load(str(path)), args.threads) for label, path in files.items()}
@@ -122,14 +120,29 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
             "detections": metrics["counts"]["detections"] if metrics else None,
         })  # fmt: skip
     return {"model": name, "method": method, "checkpoint": str(checkpoint) if checkpoint else None,
-            "input_size": args.size, "reference_boxes": fidelity_reference_boxes(report),
+            "input_size": args.size, "reference_boxes": fidelity_reference_boxes(report), "no_fidelity": no_fidelity,
             "rows": rows, "noise_floor": noise_floor_row(report)}  # fmt: skip
+
+
+def evaluate(fp32: Path, others: list[Path], data: Path, min_score: float) -> tuple[Any, str | None]:
+    """``eval --compare --fidelity --noise-floor`` on the held-out set, and why fidelity is missing if it is:
+    a model that has not learnt yet (FP32 scores nothing at ``min_score``; ThumbDet's DETR trained briefly)
+    still gets its AP per row, and its speed is still measured."""
+    def run(**fidelity: Any) -> Any:
+        return evaluate_model(fp32, data / ANNOTATIONS, data / IMAGES, backends="onnxruntime",
+                              class_agnostic=True, compare=others, log=log, **fidelity)  # fmt: skip
+
+    try:
+        return run(fidelity_min_score=min_score, noise_floor=True), None
+    except UserError as error:
+        log(f"{fp32.stem}: no fidelity ({error.problem}); AP alone")
+        return run(), error.problem
 
 
 def noise_floor_row(report: Any) -> dict[str, Any] | None:
     """FP32 itself on images moved by at most one grey level (eval --noise-floor): the scale a fidelity
     figure is read on, since a precision change can hardly move detections less than such input noise."""
-    if report is None:
+    if report is None or report.noise_floor_row is None:
         return None
     return fidelity_fields(report.fidelity[report.noise_floor_row])
 
@@ -190,6 +203,8 @@ def main() -> None:
                       percent(r["ap"]))  # fmt: skip
             print(f"{name:9s} {r['precision']:40s} {r['median_ms']:9.1f} {r['fps_ratio']:8.2f}x "
                   "{:>8s} {:>6s} {:>15s} {:>6s} {:>6s}".format(*scores), flush=True)  # fmt: skip
+        if result["no_fidelity"]:
+            print(f"{name:9s} no fidelity: {result['no_fidelity']}")
         if floor := result["noise_floor"]:
             crossed = f"{percent(floor['fidelity_crossed_up'])}/{percent(floor['fidelity_crossed_down'])}"
             scores = (percent(floor["fidelity_ap50"]), percent(floor["fidelity_found"]), crossed)
