@@ -176,8 +176,9 @@ class ThumbDetTraining(TrainingModel):
         return ThumbDetDeploy(detector, recipe.top_k, recipe.score_threshold).eval()
 
     def training_losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """The paper's four terms. With both distillation weights at 0 (no trained teacher to learn from:
-        a teacher trained from scratch alongside teaches noise) the teacher is not run and its terms are left out."""
+        """The paper's four terms. With both distillation weights at 0 (no trained teacher to learn from: the
+        frozen teacher's random initial weights would only teach noise) the teacher is not run and its terms are
+        left out."""
         cfg = self.cfg
         images01 = images / 255.0
         student = self.student(images01, all_layers=True)
