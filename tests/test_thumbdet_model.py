@@ -13,6 +13,7 @@ from tod_deploy.methods.thumbdet import (
     query_filter,
 )
 from tod_deploy.models import build_training_model, parameter_count
+from tod_deploy.nn.deformable_detr import MSDeformAttn
 from tod_deploy.nn.ops import ms_deform_attn
 from tod_deploy.recipes import load_recipe
 
@@ -208,7 +209,7 @@ def test_ms_deform_attn_matches_a_numpy_reference() -> None:
     value = torch.randn(n, sum(h * w for h, w in shapes), m, d, generator=gen)
     locations = torch.rand(n, lq, m, len(shapes), points, 2, generator=gen) * 1.4 - 0.2  # some off the map
     weights = torch.rand(n, lq, m, len(shapes), points, generator=gen)
-    got = ms_deform_attn(value, shapes, locations, weights).numpy()
+    got = ms_deform_attn(value, shapes, 2 * locations - 1, weights).numpy()
     starts = np.cumsum([0] + [h * w for h, w in shapes])
     expected = np.zeros((n, lq, m * d))
     for b in range(n):
@@ -222,3 +223,23 @@ def test_ms_deform_attn_matches_a_numpy_reference() -> None:
                         expected[b, q, head * d : (head + 1) * d] += float(weights[b, q, head, level, pt]) * sample
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_deformable_attention_samples_where_upstream_does() -> None:
+    """MSDeformAttn folds 2 / (W, H) into its offset projection; upstream computes the sampling locations as
+    reference + offsets / (W, H) and hands grid_sample 2 * locations - 1. Both must sample the same points."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=3)
+    for param in attn.parameters():  # upstream's init zeroes the offset weights: randomize so they count
+        torch.nn.init.normal_(param, std=0.5)
+    shapes = [(6, 5), (3, 2)]
+    n, lq = 2, 7
+    query, value = torch.randn(n, lq, 16), torch.randn(n, sum(h * w for h, w in shapes), 16)
+    reference = torch.rand(n, lq, len(shapes), 2)
+    offsets = attn.sampling_offsets(query).view(n, lq, 2, len(shapes), 3, 2)
+    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)
+    locations = reference[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    weights = attn.attention_weights(query).view(n, lq, 2, -1).softmax(-1).view(n, lq, 2, len(shapes), 3)
+    values = attn.value_proj(value).view(n, value.shape[1], 2, -1)
+    upstream = attn.output_proj(ms_deform_attn(values, shapes, 2 * locations - 1, weights))
+    torch.testing.assert_close(attn(query, reference, value, shapes), upstream, rtol=1e-5, atol=1e-5)

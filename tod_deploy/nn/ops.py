@@ -16,7 +16,7 @@ from torch import Tensor
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: list[tuple[int, int]],
-    sampling_locations: Tensor,
+    sampling_grids: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
     """Sample each level bilinearly and sum the samples weighted by attention.
@@ -28,13 +28,13 @@ def ms_deform_attn(
     queries contiguous, not a last axis of 4 (onnxruntime's ReduceSums there: 12.2 -> 4.3 ms; model
     226.9 -> 220.5 ms).
 
-    value: [N, S, M, D]; sampling_locations: [N, Lq, M, L, P, 2] in [0, 1] (x, y);
-    attention_weights: [N, Lq, M, L, P]. Returns [N, Lq, M * D].
+    value: [N, S, M, D]; sampling_grids: [N, Lq, M, L, P, 2] in grid_sample's frame, -1..1 across the map
+    (x, y), which is upstream's sampling locations (0..1) times 2 minus 1: the caller folds that into its
+    offset projection (``MSDeformAttn``); attention_weights: [N, Lq, M, L, P]. Returns [N, Lq, M * D].
     """
     n, _, m, d = value.shape
-    _, lq, _, levels, points, _ = sampling_locations.shape
+    _, lq, _, levels, points, _ = sampling_grids.shape
     value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1
     sampled = []
     for level, (h, w) in enumerate(spatial_shapes):
         value_l = value_list[level].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
