@@ -12,7 +12,9 @@ A tool, not a user command. Each run:
    loss curve; SGD with warm-up for the mmdet-style detectors, AdamW for Deformable-DETR (as their
    trainers do), random horizontal flips. Nothing pretrained is available here, so the whole network
    trains as mmdet's from-scratch configs train it (``learn_from_scratch``), and FCOS's distances start
-   at one stride (``prime_box_regression``);
+   at one stride (``prime_box_regression``). ThumbDet takes Deformable-DETR's parameter groups (backbone,
+   sampling offsets and reference points at a tenth of the lr) and, with ``--backbone-from cfinet``, starts
+   its ResNet-50 from that model's trained one (``seed_backbone``), as upstream starts from ImageNet's;
 4. writes ``<cache>/<model>.pth`` as the upstream trainer would: mmcv 1.x ``save_checkpoint``
    (``meta`` with ``CLASSES``, ``state_dict``, ``optimizer``) for CFINet, BH and DFR-Det, mmengine's
    for SR-TOD (``meta.dataset_meta``, ``state_dict``, ``optimizer``, ``message_hub``), Deformable-DETR's
@@ -32,6 +34,7 @@ benchmarks/precision_fidelity.py.
 
 Usage: python benchmarks/train_synthetic.py --model bh [--minutes 20] [--size 128x128] [--resume]
                                             [--images 400] [--val 50] [--batch 4] [--lr X] [--cache DIR]
+                                            [--backbone-from cfinet] (ThumbDet)
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tod_deploy.checkpoints import read_checkpoint
 from tod_deploy.errors import UserError
 from tod_deploy.evaluation.datasets import load_coco, load_image
 from tod_deploy.evaluation.run import evaluate_model
@@ -172,6 +176,31 @@ def learn_from_scratch(model: torch.nn.Module) -> None:
             module.train()
 
 
+def seed_backbone(model: torch.nn.Module, donor: Path) -> int:
+    """Start the student's ResNet-50 from another model's trained one. Upstream starts it from ImageNet
+    weights, which this offline machine does not have; a ResNet-50 trained on the same synthetic set (SR-TOD's
+    and CFINet's mmdet ResNet-50, whose keys are torchvision's) is the nearest thing. Copies every backbone
+    tensor whose name and shape match and returns how many; the donor is read as any user checkpoint is."""
+    body = model.student.backbone[0].body.state_dict()
+    donated = {k.removeprefix("backbone."): v for k, v in read_checkpoint(donor).state_dict.items()}
+    matched = {k: v for k, v in donated.items() if k in body and v.shape == body[k].shape}
+    if not matched:
+        raise UserError(f"{donor} holds no ResNet-50 under backbone.*", "use --backbone-from sr_tod or cfinet")
+    model.student.backbone[0].body.load_state_dict(matched, strict=False)
+    return len(matched)
+
+
+def deformable_detr_param_groups(model: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
+    """Deformable-DETR's main.py: the backbone (``backbone.0``) at lr_backbone = lr / 10, the sampling offsets
+    and reference points at lr * lr_linear_proj_mult (0.1), everything else at lr."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in model.student.named_parameters():
+        if param.requires_grad:
+            slow = name.startswith("backbone.0") or "sampling_offsets" in name or "reference_points" in name
+            groups.setdefault(0.1 if slow else 1.0, []).append(param)
+    return [{"params": params, "lr_scale": scale, "lr": lr * scale} for scale, params in groups.items()]
+
+
 def prime_box_regression(model: torch.nn.Module) -> None:
     """Start FCOS's distances at one stride a side. Its regression is ReLU(scale * conv) x stride
     (mmdet's norm_on_bbox), and a box of zero width or height has no GIoU gradient: with the
@@ -219,6 +248,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="Continue from <cache>/<model>.pth.")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone-from", choices=list(MODELS), default=None,
+                        help="ThumbDet: start its ResNet-50 from this model's checkpoint (upstream: ImageNet's).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     method, extra, optimizer_name, base_lr = MODELS[args.model]
@@ -242,8 +273,15 @@ def main() -> None:
     learn_from_scratch(model)
     if not resume:
         prime_box_regression(model)
+    if args.backbone_from and not resume:
+        if method != "thumbdet":
+            raise UserError("--backbone-from is for thumbdet", "leave it out for this model")
+        donor = args.cache / f"{args.backbone_from}.pth"
+        log(f"backbone: {seed_backbone(model, donor)} tensors from {donor}")
     params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer_name == "adamw":
+    if method == "thumbdet":
+        optimizer = torch.optim.AdamW(deformable_detr_param_groups(model, args.lr), lr=args.lr, weight_decay=1e-4)
+    elif optimizer_name == "adamw":
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     else:
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
@@ -263,7 +301,7 @@ def main() -> None:
         images = torch.stack([b[0] for b in batch])
         lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         losses = model.training_losses(images, [b[1] for b in batch])
         total = sum(losses.values())
         if not math.isfinite(float(total.detach())):
