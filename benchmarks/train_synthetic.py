@@ -288,7 +288,11 @@ def main() -> None:
     history = json.loads(history_path.read_text()) if resume and history_path.is_file() else {"loss": [], "eval": []}
     step = history["loss"][-1]["step"] if history["loss"] else 0
     if resume:
-        optimizer.load_state_dict(torch.load(optimizer_path(checkpoint), map_location="cpu", weights_only=True))
+        try:
+            optimizer.load_state_dict(torch.load(optimizer_path(checkpoint), map_location="cpu", weights_only=True))
+        except ValueError as error:  # e.g. a ThumbDet run from before its parameter groups
+            raise UserError(f"{optimizer_path(checkpoint)} does not fit this optimizer ({error})",
+                            "move the checkpoint aside and train from the start") from None  # fmt: skip
     cxcywh = method == "thumbdet"
     samples = load_split(train_set, size_hw, cxcywh)
     log(f"{args.model}: {method} {args.size}, {len(samples)} training images, {optimizer_name} lr {args.lr}, "
