@@ -253,6 +253,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     method, extra, optimizer_name, base_lr = MODELS[args.model]
+    if args.backbone_from and method != "thumbdet":  # before the data set and the model are made
+        raise UserError("--backbone-from is for thumbdet", "leave it out for this model")
     optimizer_name = args.optimizer or optimizer_name
     args.lr = args.lr or base_lr
     if args.size is None:
@@ -273,9 +275,9 @@ def main() -> None:
     learn_from_scratch(model)
     if not resume:
         prime_box_regression(model)
-    if args.backbone_from and not resume:
-        if method != "thumbdet":
-            raise UserError("--backbone-from is for thumbdet", "leave it out for this model")
+    if args.backbone_from and resume:
+        log(f"backbone: --backbone-from {args.backbone_from} not applied: resuming, the checkpoint's backbone goes on")
+    elif args.backbone_from:
         donor = args.cache / f"{args.backbone_from}.pth"
         log(f"backbone: {seed_backbone(model, donor)} tensors from {donor}")
     params = [p for p in model.parameters() if p.requires_grad]
