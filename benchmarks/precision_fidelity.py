@@ -53,7 +53,8 @@ from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.cli import FIDELITY_MIN_SCORE, MAX_SIGN_FLIPS
 from tod_deploy.environment import environment
 from tod_deploy.errors import UserError
-from tod_deploy.evaluation.run import evaluate_model
+from tod_deploy.evaluation.datasets import load_coco
+from tod_deploy.evaluation.run import evaluate_model, score_fidelity
 from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.parity.comparator import verification_images
@@ -125,24 +126,24 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
 
 
 def evaluate(fp32: Path, others: list[Path], data: Path, min_score: float) -> tuple[Any, str | None]:
-    """``eval --compare --fidelity --noise-floor`` on the held-out set, and why fidelity is missing if it is:
-    a model that has not learnt yet (FP32 scores nothing at ``min_score``; ThumbDet's DETR trained briefly)
-    still gets its AP per row, and its speed is still measured."""
-    def run(**fidelity: Any) -> Any:
-        return evaluate_model(fp32, data / ANNOTATIONS, data / IMAGES, backends="onnxruntime",
-                              class_agnostic=True, compare=others, log=log, **fidelity)  # fmt: skip
-
+    """``eval --compare --noise-floor`` on the held-out set, then ``--fidelity`` scored on that one pass,
+    and why fidelity is missing if it is: a model that has not learnt yet (FP32 scores nothing at
+    ``min_score``; ThumbDet's DETR trained briefly) still gets its AP per row, and its speed is still
+    measured. Any other bad input fails as it is."""
+    report = evaluate_model(fp32, data / ANNOTATIONS, data / IMAGES, backends="onnxruntime", class_agnostic=True,
+                            compare=others, log=log, noise_floor=True)  # fmt: skip
     try:
-        return run(fidelity_min_score=min_score, noise_floor=True), None
+        score_fidelity(report, load_coco(data / ANNOTATIONS, data / IMAGES).subset(), min_score)
     except UserError as error:
         log(f"{fp32.stem}: no fidelity ({error.problem}); AP alone")
-        return run(), error.problem
+        return report, error.problem
+    return report, None
 
 
 def noise_floor_row(report: Any) -> dict[str, Any] | None:
     """FP32 itself on images moved by at most one grey level (eval --noise-floor): the scale a fidelity
     figure is read on, since a precision change can hardly move detections less than such input noise."""
-    if report is None or report.noise_floor_row is None:
+    if report is None or report.noise_floor_row not in report.fidelity:
         return None
     return fidelity_fields(report.fidelity[report.noise_floor_row])
 
