@@ -59,7 +59,7 @@ from tod_deploy.backends.openvino_runner import OpenVINORunner, require_openvino
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.environment import environment, installed_version
 from tod_deploy.errors import UserError
-from tod_deploy.evaluation.run import evaluate_model
+from tod_deploy.evaluation.run import evaluate_model, score_fidelity
 from tod_deploy.evaluation.synthetic import ANNOTATIONS, IMAGES, generate_synthetic
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.ops import binary_conv_cpu
@@ -149,11 +149,12 @@ def fidelity(
     scores: dict[str, float | None] = {}
     for precision in precisions:
         compare = [int8] if int8 is not None and precision == "fp32" else None  # the INT8 row once
+        report = evaluate_model(
+            path, data / ANNOTATIONS, data / IMAGES, backends="onnxruntime,openvino", class_agnostic=True,
+            log=log, compare=compare, precision=precision,
+        )  # fmt: skip
         try:
-            report = evaluate_model(
-                path, data / ANNOTATIONS, data / IMAGES, backends="onnxruntime,openvino", class_agnostic=True,
-                log=log, compare=compare, fidelity_min_score=args.fidelity_score, precision=precision,
-            )  # fmt: skip
+            score_fidelity(report, args.fidelity_score)
         except UserError as exc:
             if NO_REFERENCE not in exc.problem:
                 raise

@@ -404,6 +404,14 @@ def test_eval_bad_inputs_are_one_line(small_onnx: Path, tiny_set: Path, tmp_path
     shutil.copytree(images, broken)
     (broken / "000000.png").write_bytes(b"\x89PNG not really")
     assert_one_line_error(run(*base, "--data", str(ann), "--images", str(broken)), "cannot read image", "000000.png")
+    # --fidelity on a model with nothing that confident: the AP it computed is still printed, then one line
+    # and exit 2, with no JSON that looks finished
+    out_json = tmp_path / "no_fidelity.json"
+    proc = run(*base, "--data", str(ann), "--images", str(images), "--max-images", "1", "--fidelity",
+               "--fidelity-score", "1", "--json", str(out_json))  # fmt: skip
+    assert_one_line_error(proc, "no detection scoring 1 or more", "lower --fidelity-score")
+    assert "APvt" in proc.stdout and "onnxruntime" in proc.stdout
+    assert not out_json.exists()
 
 
 def test_eval_nan_model_output_is_one_line(small_onnx: Path, tiny_set: Path, tmp_path: Path) -> None:
@@ -464,8 +472,9 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
     perturbed = _variant(small_onnx, tmp_path / "b", "perturbed", 0.5)
     report = evaluate_model(
         small_onnx, tiny_set / "annotations.json", tiny_set / "images", backends="onnxruntime", class_agnostic=True,
-        log=lambda _l: None, compare=[same, perturbed], fidelity_min_score=0.0, noise_floor=True,
+        log=lambda _l: None, compare=[same, perturbed], noise_floor=True,
     )  # fmt: skip
+    score_fidelity(report, 0.0)
     floor = "onnxruntime on +-1 grey level"
     assert list(report.results) == ["onnxruntime", "onnxruntime same", "onnxruntime perturbed", floor]
     assert report.fidelity_reference == "onnxruntime" and list(report.fidelity) == list(report.results)[1:]
@@ -482,7 +491,7 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
     cut = float(np.median([d["score"] for d in report.detections["onnxruntime"]]))
     rescored = copy.copy(report)
     rescored.fidelity = {}
-    score_fidelity(rescored, load_coco(tiny_set / "annotations.json", tiny_set / "images").subset(), cut)
+    score_fidelity(rescored, cut)
     same_row = rescored.fidelity["onnxruntime same"]
     assert same_row["crossed_up"] == same_row["crossed_down"] == 0.0
     reference_dets, perturbed_dets = report.detections["onnxruntime"], report.detections["onnxruntime perturbed"]
@@ -497,8 +506,7 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
     assert perturbed_row["crossed_up"] == pytest.approx(up / above)
     assert perturbed_row["crossed_down"] == pytest.approx(down / above)
     with pytest.raises(UserError, match="no detection scoring 1.01"):
-        evaluate_model(small_onnx, tiny_set / "annotations.json", tiny_set / "images", class_agnostic=True,
-                       log=lambda _l: None, compare=[same], fidelity_min_score=1.01)  # fmt: skip
+        score_fidelity(copy.copy(report), 1.01)
 
     # The floors of `eval --min-ap50/--min-fidelity` on the same report: a row is named when it is below.
     fidelity_failures = check_floors(report, None, 0.95)
@@ -511,7 +519,8 @@ def test_compare_rows_and_fidelity(small_onnx: Path, tiny_set: Path, tmp_path: P
     assert [f.row for f in check_floors(report, 0.5, None)] == list(report.results)[:-1]
     # nothing to gate but the yardstick: the floor cannot be checked, which is an error, not a pass
     alone = evaluate_model(small_onnx, tiny_set / "annotations.json", tiny_set / "images", class_agnostic=True,
-                           max_images=1, log=lambda _l: None, fidelity_min_score=0.0, noise_floor=True)  # fmt: skip
+                           max_images=1, log=lambda _l: None, noise_floor=True)  # fmt: skip
+    score_fidelity(alone, 0.0)
     assert list(alone.fidelity) == [floor]
     with pytest.raises(UserError, match="--min-fidelity needs a row to compare"):
         check_floors(alone, None, 0.9)

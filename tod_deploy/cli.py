@@ -758,15 +758,16 @@ def eval_cmd(
     """Tiny-object AP (AP, AP50, AP75 and the AI-TOD bins vt/t/s/m) of a model on every backend, in one table."""
     from tod_deploy.evaluation.gate import check_floors
     from tod_deploy.evaluation.report import eval_table, fidelity_table, write_plot
-    from tod_deploy.evaluation.run import evaluate_model
+    from tod_deploy.evaluation.run import evaluate_model, score_fidelity
 
     report = evaluate_model(
         model, data, images, method, backend, max_images, class_agnostic, max_dets, checkpoint, input_size, log=log,
         compare=compare, precision=precision, noise_floor=noise_floor,
-        fidelity_min_score=fidelity_score if fidelity or noise_floor or min_fidelity is not None else None,
     )  # fmt: skip
+    out.print(eval_table(report))  # before fidelity, which can fail (nothing at --fidelity-score): AP is still shown
+    if fidelity or noise_floor or min_fidelity is not None:
+        score_fidelity(report, fidelity_score)
     failures = check_floors(report, min_ap50, min_fidelity)
-    out.print(eval_table(report))
     agreement = fidelity_table(report)
     if agreement is not None:
         out.print(agreement)

@@ -51,6 +51,9 @@ class EvalReport:
     seconds: dict[str, float] = field(default_factory=dict)
     # Per backend: [{image_id, category_id, bbox, score}], original pixels (not in the JSON: it can be large).
     detections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # The evaluated images' COCO ground truth (images, categories, annotations): what ``score_fidelity``
+    # builds its reference on, so that scoring needs neither a second read of the labels nor a second run.
+    ground_truth: dict[str, Any] = field(default_factory=dict, repr=False)
     # Per row other than the reference: metrics against the reference row's detections as ground truth.
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
     fidelity_reference: str | None = None
@@ -245,13 +248,13 @@ def evaluate_model(
     input_size: str | None = None,
     log: Log = print,
     compare: list[Path] | None = None,
-    fidelity_min_score: float | None = None,
     precision: str = "auto",
     noise_floor: bool = False,
 ) -> EvalReport:
-    """``fidelity_min_score``: when set, also score every row against the reference row's
-    detections at or above that score (the FP32 onnxruntime row, else the first row). ``noise_floor``
-    adds the reference's runner once more, on each image changed by at most one grey level per pixel."""
+    """Every row's detections on the images and its AP against the labels. Fidelity is a second step on
+    the report (``score_fidelity``), so a model with nothing to score it on still has its AP to show.
+    ``noise_floor`` adds the reference's runner once more, on each image changed by at most one grey
+    level per pixel."""
     coco = load_coco(data, images_dir, max_images)  # check the data before the (slow) model build
     loaded = load_model(model_path, method, backends, checkpoint, input_size, log, precision)
     if compare:
@@ -289,13 +292,11 @@ def evaluate_model(
             detections[backend] += contract_to_detections(outputs, mapping, image["id"], to_category, where)
         if (i + 1) % step == 0 or i + 1 == len(coco.images):
             log(f"  {i + 1}/{len(coco.images)} images")
-    subset = coco.subset()
+    report.ground_truth = coco.subset()
     for backend, dets in detections.items():
-        report.results[backend] = evaluate_detections(subset, dets, class_agnostic, max_dets)
+        report.results[backend] = evaluate_detections(report.ground_truth, dets, class_agnostic, max_dets)
     report.seconds = {b: round(s, 3) for b, s in seconds.items()}
     report.detections = detections
-    if fidelity_min_score is not None:
-        score_fidelity(report, subset, fidelity_min_score)
     return report
 
 
@@ -314,8 +315,9 @@ def fidelity_reference(rows: list[str]) -> str:
     return "onnxruntime" if "onnxruntime" in rows else rows[0]
 
 
-def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
-    """Each row against the reference row's confident detections, as if they were the labels.
+def score_fidelity(report: EvalReport, min_score: float) -> None:
+    """Each row against the reference row's confident detections (score >= ``min_score``; the FP32
+    onnxruntime row, else the first row), as if they were the labels.
 
     Every detection a row keeps counts (COCO's maxDets raised to the most any image has, up to
     ``FIDELITY_MAX_DETS``: pycocotools' memory grows with detections x ground truths per image, and
@@ -323,7 +325,7 @@ def score_fidelity(report: EvalReport, subset: Any, min_score: float) -> None:
     """
     rows = list(report.detections)
     reference = fidelity_reference(rows)
-    truth = detections_as_ground_truth(subset, report.detections[reference], min_score)
+    truth = detections_as_ground_truth(report.ground_truth, report.detections[reference], min_score)
     if not truth["annotations"]:
         raise UserError(
             f"{reference} has no detection scoring {min_score:g} or more to use as ground truth",
