@@ -76,6 +76,9 @@ MODELS: dict[str, tuple[str, dict[str, Any], str, float]] = {
     "dfr_det": ("dfr_det", {"model": {"detector": "fcos"}}, "adamw", 1e-3),
 }
 CLASSES = ("object",)  # the synthetic set's one category
+# Gradient-norm clip: mmdet's grad_clip for detectors trained from scratch; Deformable-DETR's main.py --clip_max_norm
+CLIP_MAX_NORM = {"thumbdet": 0.1}
+DEFAULT_CLIP_MAX_NORM = 35.0
 WARMUP_STEPS = 100
 DEFAULT_SIDE = 128  # px, raised to a recipe's min_size (see the module's docstring)
 TRAIN_SEED, VAL_SEED = 1, 2  # make-dataset seeds of the training and held-out sets
@@ -315,7 +318,7 @@ def main() -> None:
             break
         optimizer.zero_grad()
         total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 35.0)  # mmdet's grad_clip for detectors trained from scratch
+        torch.nn.utils.clip_grad_norm_(params, CLIP_MAX_NORM.get(args.model, DEFAULT_CLIP_MAX_NORM))
         optimizer.step()
         step += 1
         for k, v in losses.items():
