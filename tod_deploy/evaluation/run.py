@@ -329,7 +329,7 @@ def score_fidelity(report: EvalReport, min_score: float) -> None:
     if not truth["annotations"]:
         raise UserError(
             f"{reference} has no detection scoring {min_score:g} or more to use as ground truth",
-            "lower --fidelity-score (random-weight models score low)",
+            "lower --fidelity-score (random-weight and briefly trained models score low)",
         )
     most = [max(Counter(d["image_id"] for d in dets).values(), default=0) for dets in report.detections.values()]
     max_dets = min(max([report.max_dets, *most]), max(report.max_dets, FIDELITY_MAX_DETS))
