@@ -25,7 +25,7 @@ from tod_deploy.errors import UserError
 from tod_deploy.export.passes import expose_tensors
 from tod_deploy.export.pipeline import ExportResult
 from tod_deploy.quant.activation_sqnr import TensorSqnr, activation_sqnr, low_sqnr
-from tod_deploy.quant.graph import float_tensor_types, graph_roles
+from tod_deploy.quant.graph import float_tensor_types, graph_roles, layers_read_only_by
 from tod_deploy.quant.int8 import EXACT_SUM_FLAGS, qdq_summary
 from tod_deploy.quant.pipeline import QuantizeResult, quantize_model
 
@@ -206,7 +206,25 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     assert summary.nonzero_zero_points  # asymmetric uint8 activations
     exported = onnx.load(str(small_export.onnx_path))
     roles = graph_roles(exported)
-    kept = {roles.stem, *roles.last_layers}
+    # the layers with weights that only float arithmetic reads keep float weights: Deformable-DETR's sampling
+    # offsets (the layers found walking up from each GridSample's grid)
+    float_readers = {*roles.sampling_arithmetic, *(n for n, op in roles.op_types.items() if op == "Softmax")}
+    weights = {i.name for i in exported.graph.initializer}
+    weighted = [n.name for n in exported.graph.node if n.name in set(roles.layers) and n.input[1] in weights]
+    offsets = set(layers_read_only_by(exported, weighted, float_readers))
+    producer = {t: n for n in exported.graph.node for t in n.output}
+    grid_layers, queue, seen = set(), [n.input[1] for n in exported.graph.node if n.op_type == "GridSample"], set()
+    while queue:
+        node = producer.get(queue.pop())
+        if node is None or node.name in seen or node.op_type == "Shape":
+            continue
+        seen.add(node.name)
+        if node.name in set(roles.layers):
+            grid_layers.add(node.name)
+        else:
+            queue += [t for t in node.input if t]
+    assert len(offsets) >= 6 and offsets == grid_layers, offsets ^ grid_layers
+    kept = {roles.stem, *roles.last_layers, *offsets}
     assert set(summary.quantized_layers) == set(roles.layers) - kept
     dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     reading = [n for n in model.graph.node if any(t in dequantized for t in n.input)]
@@ -231,6 +249,11 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     assert weights and max(int(np.abs(w).max()) for w in weights) <= 64
     ops = optimized_ops(thumbdet_int8_ort.output, tmp_path)
     assert ops["QLinearConv"] + ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] >= len(summary.quantized_layers) // 2
+    # onnxruntime dequantizes no layer's weights on every run: each INT8 weight went into an integer kernel
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    stored = {i.name for i in optimized.graph.initializer if len(i.dims) >= 2 and i.data_type == onnx.TensorProto.INT8}
+    dequantizing = [n.name for n in optimized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in stored]
+    assert stored and not dequantizing, dequantizing
     assert ops["QLinearAdd"] > 0, ops
     # Softmax (the attention weights) stays float: onnxruntime's QLinearSoftmax is slower than float
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]

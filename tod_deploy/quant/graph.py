@@ -130,6 +130,21 @@ def graph_roles(model: onnx.ModelProto) -> GraphRoles:
     return roles
 
 
+def layers_read_only_by(model: onnx.ModelProto, layers: list[str], readers: set[str]) -> list[str]:
+    """The ``layers`` (graph order) whose every output is read, and read only, by nodes in ``readers``."""
+    consumers: dict[str, list[str]] = defaultdict(list)
+    for node in model.graph.node:
+        for t in node.input:
+            if t:
+                consumers[t].append(node.name)
+    wanted = set(layers)
+    return [
+        node.name
+        for node in model.graph.node
+        if node.name in wanted and all(consumers[t] and set(consumers[t]) <= readers for t in node.output if t)
+    ]
+
+
 def _upstream_of(
     nodes: list[onnx.NodeProto], tensors: list[str], stop: Callable[[onnx.NodeProto], bool] | None = None
 ) -> list[str]:

@@ -25,7 +25,7 @@ from tod_deploy.backends.onnxruntime_runner import load_onnx
 from tod_deploy.cli import MAX_SIGN_FLIPS
 from tod_deploy.errors import UserError
 from tod_deploy.quant import calibration
-from tod_deploy.quant.graph import GraphRoles, graph_roles, match_patterns
+from tod_deploy.quant.graph import GraphRoles, graph_roles, layers_read_only_by, match_patterns
 
 if TYPE_CHECKING:
     from tod_deploy.quant.binary_inputs import SignCheck
@@ -330,7 +330,17 @@ def _int8(
         # INT8 172.0 -> 166.7 ms, measured). Elsewhere Softmax is post-processing, float already.
         decisions += [name for name, op in roles.op_types.items() if op == "Softmax"]
         decisions = [n for n in decisions if n not in int8_feeders]
-        keep = [*keep, *roles.tail, *decisions]
+        # A layer whose output only those float readers read (Deformable-DETR's sampling offsets, which go to
+        # the reference points) runs in float in onnxruntime whatever its Q/DQ: onnxruntime fuses its MatMul
+        # and bias Add into a float Gemm and dequantizes the int8 weights on every run (ThumbDet 4x: 11 such
+        # 256x256 weights, 2.3 ms of its 37 at 256x256, measured). It keeps its float weights instead, and
+        # reads its input as the INT8 layers beside it do, so the op writing that input stays integer. (A
+        # product of two activations there, the decoder's query-key MatMul, has no weights and still runs as
+        # onnxruntime's MatMulIntegerToFloat.)
+        weights = {i.name for i in model.graph.initializer}
+        weighted = [n.name for n in model.graph.node if n.name in set(roles.layers) and n.input[1] in weights]
+        float_out = [n for n in layers_read_only_by(model, weighted, set(decisions)) if n not in int8_feeders]
+        keep = [*keep, *roles.tail, *decisions, *float_out]
         reads_float = decisions
     return qdq_quantize(
         model, ranges, nodes_to_exclude=list(dict.fromkeys(keep)), keep_float_inputs=list(dict.fromkeys(reads_float)),
