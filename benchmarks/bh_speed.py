@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
+from tod_deploy.backends.onnxruntime_runner import interleaved_calls
 from tod_deploy.bench.run import bench_model
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model
@@ -94,8 +94,7 @@ def main() -> None:
     log("2) backbones alone in onnxruntime")
     images = np.random.default_rng(0).random((1, 3, 512, 640), dtype=np.float32)
     protos = {name: backbone_onnx(name, 512, 640) for name in ("bh_resnet50", "resnet50")}
-    runners = {name: OnnxRuntimeRunner(proto, threads) for name, proto in protos.items()}
-    timings = time_interleaved({k: (lambda r=r: r.run(images)) for k, r in runners.items()}, 1, 2, args.iters, None)
+    timings = time_interleaved(interleaved_calls(protos, images, threads), 1, 2, args.iters, None)
     stats = {name: t.stats() for name, t in timings.items()}
     ratio = stats["bh_resnet50"]["median_ms"] / stats["resnet50"]["median_ms"]
     log("3) Conv time per output stride (onnxruntime profiler)")

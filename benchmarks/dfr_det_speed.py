@@ -26,7 +26,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
+from tod_deploy.backends.onnxruntime_runner import interleaved_calls, load_onnx
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model
 from tod_deploy.ops import binary_conv_cpu
@@ -83,8 +83,7 @@ def bench_detector(detector: str, out: Path, args: argparse.Namespace, threads: 
         ),
     }  # fmt: skip
     images = verification_images(exports["1-bit fused"].sidecar.recipe, 1, seed=0)
-    runners = {name: OnnxRuntimeRunner(load_onnx(result.onnx_path), threads) for name, result in exports.items()}
-    calls = {name: (lambda r=r: r.run(images)) for name, r in runners.items()}
+    calls = interleaved_calls({name: load_onnx(result.onnx_path) for name, result in exports.items()}, images, threads)
     hooked = BinaryConvSession(str(exports["1-bit fused"].onnx_path), session_options(ort_options(threads)))
     feed = {hooked.get_inputs()[0].name: images}
     calls["1-bit hook"] = lambda: hooked.run(None, feed)  # one session, onnxruntime-extensions' hook

@@ -32,7 +32,7 @@ from pathlib import Path
 import onnx
 
 from tod_deploy.artifacts import Sidecar
-from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
+from tod_deploy.backends.onnxruntime_runner import interleaved_calls
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.environment import environment
 from tod_deploy.export.pipeline import export_model
@@ -113,8 +113,7 @@ def measure(name: str, fp32_path: Path, args: argparse.Namespace, workdir: Path)
         info[target] = {"quantize_seconds": round(time.perf_counter() - t0, 1), "comparison": result.comparison}
     sidecar = json.loads(fp32_path.with_suffix(".json").read_text())
     images = verification_images(Sidecar(sidecar).recipe, 1, seed=1)
-    runners = {key: OnnxRuntimeRunner(onnx.load(str(path)), args.threads) for key, path in files.items()}
-    calls = {key: (lambda r=runner: r.run(images)) for key, runner in runners.items()}
+    calls = interleaved_calls({key: onnx.load(str(path)) for key, path in files.items()}, images, args.threads)
     stats = {k: t.stats() for k, t in time_interleaved(calls, 1, args.warmup, args.iters, None).items()}
     ops = {key: optimized_ops(path, args.threads, workdir) for key, path in files.items()}
     rows = []

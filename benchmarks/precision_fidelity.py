@@ -21,7 +21,8 @@ than the model will see, and calibrate the wrong ranges.) Then, as a user runs t
   row of ``eval --noise-floor``: FP32 itself on each image moved by at most one grey level, the fidelity
   of a change nobody would call a change, which a precision's figure is read against;
 - the FP32 file and every reduced-precision file timed in alternating rounds in onnxruntime on the
-  CPU (tod_deploy.bench.timing.time_interleaved), ``--threads`` threads. FP16 runs there too, but its
+  CPU (tod_deploy.bench.timing.time_interleaved), ``--threads`` threads, in sessions whose idle threads
+  do not spin (``interleaved_calls``: spinning, they slow the session timed next). FP16 runs there too, but its
   target is TensorRT on a GPU: onnxruntime's CPU provider has few FP16 kernels and casts around the rest.
 
 Issue 16's targets: INT8 (onnxruntime layout) >= 1.5x FPS (ThumbDet 1.3x) with fidelity >= 0.95 and AP50
@@ -48,7 +49,7 @@ import onnx
 from train_synthetic import CLASSES, DEFAULT_CACHE, MODELS, TRAIN_SEED, VAL_SEED, synthetic_split
 
 from tod_deploy.artifacts import Sidecar
-from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner
+from tod_deploy.backends.onnxruntime_runner import interleaved_calls
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.cli import FIDELITY_MIN_SCORE, MAX_SIGN_FLIPS
 from tod_deploy.environment import environment
@@ -101,9 +102,8 @@ def measure(name: str, args: argparse.Namespace, data: Path, calib: Path, out: P
     if checkpoint is not None:
         report, no_fidelity = evaluate(fp32, list(files.values()), data, args.fidelity_score)
     images = verification_images(Sidecar.load(fp32).recipe, 1, seed=1)
-    runners = {"fp32": OnnxRuntimeRunner(onnx.load(str(fp32)), args.threads)}
-    runners |= {label: OnnxRuntimeRunner(onnx.load(str(path)), args.threads) for label, path in files.items()}
-    timings = time_interleaved({k: (lambda r=r: r.run(images)) for k, r in runners.items()}, 1, 1, args.iters, None)
+    models = {label: onnx.load(str(path)) for label, path in {"fp32": fp32, **files}.items()}
+    timings = time_interleaved(interleaved_calls(models, images, args.threads), 1, 1, args.iters, None)
     stats = {label: timing.stats() for label, timing in timings.items()}
     rows = []
     for label in ("fp32", *files):

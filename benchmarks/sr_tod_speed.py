@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
+from tod_deploy.backends.onnxruntime_runner import interleaved_calls, load_onnx
 from tod_deploy.bench.run import bench_model
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model
@@ -56,11 +56,8 @@ def main() -> None:
 
     log("2) with vs without RH + DGFE, both onnxruntime")
     images = verification_images(sr.sidecar.recipe, 1, seed=0)
-    runners = {
-        "with_rh_dgfe": OnnxRuntimeRunner(load_onnx(sr.onnx_path), threads),
-        "without": OnnxRuntimeRunner(load_onnx(base.onnx_path), threads),
-    }
-    timings = time_interleaved({k: (lambda r=r: r.run(images)) for k, r in runners.items()}, 1, 2, args.iters, None)
+    models = {"with_rh_dgfe": load_onnx(sr.onnx_path), "without": load_onnx(base.onnx_path)}
+    timings = time_interleaved(interleaved_calls(models, images, threads), 1, 2, args.iters, None)
     stats = {name: t.stats() for name, t in timings.items()}
     macs_with = inspect_method("sr_tod", None, with_overrides, None, log=lambda _l: None)["gmacs"]
     macs_without = inspect_method("sr_tod", None, without_overrides, None, log=lambda _l: None)["gmacs"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tod_deploy.artifacts import Sidecar
-from tod_deploy.backends.onnxruntime_runner import OnnxRuntimeRunner, load_onnx
+from tod_deploy.backends.onnxruntime_runner import interleaved_calls, load_onnx
 from tod_deploy.bench.run import bench_model
 from tod_deploy.bench.timing import time_interleaved
 from tod_deploy.export.pipeline import export_model
@@ -58,13 +58,8 @@ def main() -> None:
 
     log("2) thumbnail (4x) vs full resolution (1x), both onnxruntime")
     images = verification_images(small.sidecar.recipe, 1, seed=0)
-    runners = {
-        "thumbdet_4x": OnnxRuntimeRunner(load_onnx(small.onnx_path), threads),
-        "deformable_detr_1x": OnnxRuntimeRunner(load_onnx(full.onnx_path), threads),
-    }
-    timings = time_interleaved(
-        {name: (lambda r=r: r.run(images)) for name, r in runners.items()}, 1, 2, max(args.iters // 2, 3), None
-    )
+    models = {"thumbdet_4x": load_onnx(small.onnx_path), "deformable_detr_1x": load_onnx(full.onnx_path)}
+    timings = time_interleaved(interleaved_calls(models, images, threads), 1, 2, max(args.iters // 2, 3), None)
     stats = {name: t.stats() for name, t in timings.items()}
 
     result = {

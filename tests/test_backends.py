@@ -11,7 +11,7 @@ import pytest
 
 from tod_deploy.artifacts import Sidecar
 from tod_deploy.backends import BACKENDS, ExportSource, RunnerOptions, open_runner, parse_backends
-from tod_deploy.backends.onnxruntime_runner import new_session
+from tod_deploy.backends.onnxruntime_runner import interleaved_calls, new_session
 from tod_deploy.errors import UserError
 from tod_deploy.nn.postprocess import CONTRACT_OUTPUTS
 
@@ -51,3 +51,19 @@ def test_the_session_factory_refuses_a_broken_graph_in_one_line() -> None:
     model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [x], [y]))
     with pytest.raises(UserError, match="onnxruntime cannot load the model"):
         new_session(model)
+
+
+def test_interleaved_sessions_run_their_models_and_do_not_spin() -> None:
+    """Timed in turn on the same cores, a session's idle threads must not busy-wait through the next one's run."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])
+    nodes = {op: onnx.helper.make_node(op, ["x"], ["y"]) for op in ("Neg", "Relu")}
+    models = {op: onnx.helper.make_model(onnx.helper.make_graph([node], op, [x], [y])) for op, node in nodes.items()}
+    images = np.array([-1.5, 2.0], dtype=np.float32)
+    calls = interleaved_calls(models, images, 2)
+    np.testing.assert_array_equal(calls["Neg"]()["y"], [1.5, -2.0])
+    np.testing.assert_array_equal(calls["Relu"]()["y"], [0.0, 2.0])
+    for call in calls.values():
+        options = call.func.__self__.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert options.intra_op_num_threads == 2
