@@ -209,8 +209,8 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
     # the layers with weights that only float arithmetic reads keep float weights: Deformable-DETR's sampling
     # offsets (the layers found walking up from each GridSample's grid)
     float_readers = {*roles.sampling_arithmetic, *(n for n, op in roles.op_types.items() if op == "Softmax")}
-    weights = {i.name for i in exported.graph.initializer}
-    weighted = [n.name for n in exported.graph.node if n.name in set(roles.layers) and n.input[1] in weights]
+    layers, initializers = set(roles.layers), {i.name for i in exported.graph.initializer}
+    weighted = [n.name for n in exported.graph.node if n.name in layers and n.input[1] in initializers]
     offsets = set(layers_read_only_by(exported, weighted, float_readers))
     producer = {t: n for n in exported.graph.node for t in n.output}
     grid_layers, queue, seen = set(), [n.input[1] for n in exported.graph.node if n.op_type == "GridSample"], set()
@@ -219,7 +219,7 @@ def test_int8_onnxruntime_layout_runs_integer_kernels(
         if node is None or node.name in seen or node.op_type == "Shape":
             continue
         seen.add(node.name)
-        if node.name in set(roles.layers):
+        if node.name in layers:
             grid_layers.add(node.name)
         else:
             queue += [t for t in node.input if t]
