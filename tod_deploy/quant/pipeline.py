@@ -337,8 +337,8 @@ def _int8(
         # reads its input as the INT8 layers beside it do, so the op writing that input stays integer. (A
         # product of two activations there, the decoder's query-key MatMul, has no weights and still runs as
         # onnxruntime's MatMulIntegerToFloat.)
-        weights = {i.name for i in model.graph.initializer}
-        weighted = [n.name for n in model.graph.node if n.name in set(roles.layers) and n.input[1] in weights]
+        layers, weights = set(roles.layers), {i.name for i in model.graph.initializer}
+        weighted = [n.name for n in model.graph.node if n.name in layers and n.input[1] in weights]
         float_out = [n for n in layers_read_only_by(model, weighted, set(decisions)) if n not in int8_feeders]
         keep = [*keep, *roles.tail, *decisions, *float_out]
         reads_float = decisions
